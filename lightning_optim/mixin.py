@@ -1,0 +1,222 @@
+"""``OptimizerMixin``: a LightningModule's ``configure_optimizers`` built from the registry.
+
+Usage::
+
+    import lightning as L
+    from lightning_optim import OptimConfig, OptimizerMixin
+
+    class MyLM(OptimizerMixin, L.LightningModule):
+        def __init__(self, optim: OptimConfig = OptimConfig(name="adamw", lr=1e-3, scheduler="cosine")):
+            super().__init__()
+            self.save_hyperparameters()
+            ...
+        # no configure_optimizers: the mixin builds one optimizer and a per-step schedule
+
+Flat hyperparameters work too (``optimizer="muon", lr=0.02, scheduler="wsd", warmup_steps=2000``); the
+mixin reads ``self.hparams.optim`` first, then the flat names. With LightningCLI,
+``--optim.name ademamix --optim.lr 1e-3`` sets the fields.
+
+The schedule's horizon is ``OptimConfig.total_steps``, else ``trainer.max_steps``, else
+``trainer.estimated_stepping_batches`` read lazily at the first step after warmup — never inside
+``configure_optimizers``, which would break stateful-dataloader resume (Lightning issue #20550).
+
+Override :meth:`optimizer_param_groups` to change the grouping; the groups it returns go to
+:func:`~lightning_optim.create_optimizer` as they are. Callbacks an optimizer needs (schedule-free
+switching, Sophia's Hessian pass) are added through ``configure_callbacks``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from lightning_optim.param_groups import GroupingRules, param_groups
+from lightning_optim.registry import (
+    create_optimizer,
+    create_scheduler,
+    get_optimizer_spec,
+    get_scheduler_spec,
+    validate_hyperparameters,
+)
+
+__all__ = ["OptimConfig", "OptimizerMixin"]
+
+_TORCH_NAMES = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov")
+_SCHEDULE_FIELDS = ("decay_fraction", "final_fraction", "cooldown_shape", "cooldown_start", "timescale")
+
+
+@dataclass
+class OptimConfig:
+    """Which optimizer and schedule, with what settings. ``None`` means "the registered default".
+
+    Args:
+        name: registry key (``adamw``, ``muon``, ``sf-adamw`` ...) or an optimizer class path.
+        lr, betas, eps, weight_decay, momentum, nesterov: torch.optim names.
+        extra: the algorithm's own hyperparameters by their paper names (``{"alpha": 8, "beta3": 0.9999}``
+            for AdEMAMix, ``{"ns_steps": 5}`` for Muon ...).
+        scheduler: ``constant | cosine | linear | wsd | inverse-sqrt``.
+        warmup_steps: linear warmup from 0.
+        total_steps: schedule horizon; default ``trainer.max_steps`` (or the Trainer's estimate).
+        decay_fraction, cooldown_shape, cooldown_start: WSD's cooldown (fraction of the run, shape
+            ``linear|cosine|sqrt``, or an explicit start step to branch a cooldown from a checkpoint).
+        final_fraction: final lr as a fraction of the peak (defaults per schedule: cosine 0.01, linear 0.001,
+            wsd 0).
+        timescale: inverse-sqrt's τ.
+        decay_embeddings, decay_norms, decay_biases, no_decay_patterns, other_patterns, lr_scales:
+            the grouping rules (see :mod:`lightning_optim.param_groups`).
+    """
+
+    name: str = "adamw"
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    decay_fraction: float = 0.2
+    final_fraction: float | None = None
+    cooldown_shape: str = "sqrt"
+    cooldown_start: int | None = None
+    timescale: int | None = None
+    decay_embeddings: bool = False
+    decay_norms: bool = False
+    decay_biases: bool = False
+    no_decay_patterns: list[str] = field(default_factory=list)
+    other_patterns: list[str] = field(default_factory=list)
+    lr_scales: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.betas is not None:
+            self.betas = tuple(self.betas)
+        self.validate()
+
+    # -- what goes where ------------------------------------------------------------------------------------
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        kwargs = {k: getattr(self, k) for k in _TORCH_NAMES if getattr(self, k) is not None}
+        clash = set(kwargs) & set(self.extra)
+        if clash:
+            raise ValueError(f"OptimConfig sets {sorted(clash)} both as fields and in extra; use one")
+        return {**kwargs, **dict(self.extra)}
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        accepted = get_scheduler_spec(self.scheduler).defaults
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        kwargs = {}
+        for name in _SCHEDULE_FIELDS:
+            value = getattr(self, name)
+            if name in accepted:
+                if value is not None or name in ("cooldown_start", "timescale"):
+                    kwargs[name] = value
+            elif value != defaults[name]:
+                raise ValueError(
+                    f"OptimConfig.{name}={value!r} does not apply to schedule {self.scheduler!r} "
+                    f"(it takes {', '.join(sorted(accepted)) or 'no extra arguments'})"
+                )
+        return kwargs
+
+    def grouping_rules(self) -> GroupingRules:
+        return GroupingRules(
+            decay_embeddings=self.decay_embeddings, decay_norms=self.decay_norms, decay_biases=self.decay_biases,
+            no_decay_patterns=tuple(self.no_decay_patterns), other_patterns=tuple(self.other_patterns),
+            lr_scales=dict(self.lr_scales),
+        )
+
+    def validate(self) -> None:
+        """Refuse an unknown optimizer/schedule, unknown or out-of-range settings, before training starts."""
+        spec = get_optimizer_spec(self.name)
+        validate_hyperparameters(spec, self.optimizer_kwargs())
+        sched = get_scheduler_spec(self.scheduler)
+        kwargs = self.scheduler_kwargs()
+        sched.schedule_cls(total_steps=self.total_steps, warmup_steps=self.warmup_steps, **{**sched.defaults, **kwargs})
+        for k, v in self.lr_scales.items():
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"lr_scales[{k!r}] must be a number >= 0, got {v!r}")
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> "OptimConfig":
+        """From ``hparams.optim`` (an OptimConfig, dict or namespace) or flat names (``optimizer``, ``lr`` ...)."""
+        optim = hparams.get("optim") if hasattr(hparams, "get") else None
+        if isinstance(optim, OptimConfig):
+            return optim
+        if optim is not None:
+            data = dict(vars(optim)) if not isinstance(optim, Mapping) else dict(optim)
+            return cls(**_known_fields(data))
+        flat = _known_fields(hparams)
+        name = hparams.get("optimizer", hparams.get("optimizer_name"))
+        if isinstance(name, str):
+            flat["name"] = name
+        return cls(**flat)
+
+
+def _known_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(OptimConfig)}
+    return {k: v for k, v in dict(data).items() if k in names and not k.startswith("_")}
+
+
+def _import_path(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class OptimizerMixin:
+    """Gives a LightningModule a registry-backed ``configure_optimizers`` (see the module docstring)."""
+
+    def optim_config(self) -> OptimConfig:
+        hparams = getattr(self, "hparams", {}) or {}
+        return OptimConfig.from_hparams(hparams)
+
+    def optimizer_param_groups(self, config: OptimConfig, split_matrices: bool) -> list[dict[str, Any]]:
+        """The parameter groups handed to the optimizer. Override to change the grouping."""
+        return param_groups(self, split_matrices=split_matrices, rules=config.grouping_rules())
+
+    def _optim_horizon(self, config: OptimConfig) -> int | None:
+        if config.total_steps is not None:
+            return config.total_steps
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        return None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = self.optim_config()
+        spec = get_optimizer_spec(config.name)
+        groups = self.optimizer_param_groups(config, split_matrices=spec.hybrid)
+        optimizer = create_optimizer(config.name, groups, **config.optimizer_kwargs())
+        scheduler = create_scheduler(
+            config.scheduler, optimizer, self._optim_horizon(config), config.warmup_steps,
+            **config.scheduler_kwargs(),
+        )
+        if scheduler.schedule.total_steps is None:
+            scheduler.total_steps_fn = self._estimated_total_steps
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def _estimated_total_steps(self) -> float:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            raise RuntimeError("the schedule needs a horizon: set OptimConfig.total_steps or Trainer(max_steps=...)")
+        return trainer.estimated_stepping_batches
+
+    def configure_callbacks(self) -> list[Any]:
+        """Callbacks the chosen optimizer needs (``OptimizerSpec.callbacks``), added once."""
+        parent = super()
+        callbacks = list(parent.configure_callbacks()) if hasattr(parent, "configure_callbacks") else []
+        spec = get_optimizer_spec(self.optim_config().name)
+        trainer = getattr(self, "_trainer", None)
+        present = {type(cb) for cb in (trainer.callbacks if trainer is not None else [])} | {type(c) for c in callbacks}
+        for path in spec.callbacks:
+            cls = _import_path(path)
+            if cls not in present:
+                callbacks.append(cls())
+        return callbacks

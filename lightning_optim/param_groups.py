@@ -1,0 +1,196 @@
+"""Parameter grouping: which parameters get weight decay, and which follow a hybrid optimizer's matrix rule.
+
+Default rules, applied to an ``nn.Module`` (nanoGPT's and timm's decay / no-decay split, plus the
+Muon-family routing of Moonlight and of Semenov et al. 2025):
+
+* no weight decay for parameters with fewer than 2 dimensions (biases, norm gains), for every parameter of
+  a normalisation layer (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, batch/instance norms and any module whose
+  class name ends in ``Norm``), for parameters named ``bias``, and for embeddings (``nn.Embedding`` and
+  anything tied to one);
+* a parameter shared between modules (a tied embedding / output head) appears once, classified by the most
+  specific role it has (embedding wins);
+* with ``split_matrices=True`` a parameter is a *matrix* iff it has >= 2 dimensions and is neither an
+  embedding nor the output head (detected by module type, by a tie to an embedding, by a name such as
+  ``lm_head``/``output``/``head``, or — for bare parameters — the benchmark's fallback "at least 10000 rows").
+  Matrices get ``"matrix": True`` in their group; everything else ``"matrix": False``.
+
+Groups carry a ``name`` ("decay", "no_decay", "matrix"; LearningRateMonitor shows them) and optionally an
+``lr_scale``. Names are read through ``torch.compile`` wrappers (``_orig_mod.``) and FSDP2's ``fully_shard``
+(DTensor parameters keep their global shape, so the rules see the real dimensions).
+
+Override :meth:`OptimizerMixin.optimizer_param_groups` or pass ``rules`` to change them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from torch import nn
+
+__all__ = ["GroupingRules", "ParamRole", "classify_parameters", "param_groups", "routing_table"]
+
+HEAD_NAME = re.compile(r"(^|\.)(lm_head|output|head|classifier|out_proj_vocab|unembed(ding)?)$")
+LARGE_ROWS = 10_000  # Semenov et al.: 2-D parameters with this many rows are treated as embeddings/heads
+_COMPILE_PREFIX = "_orig_mod."
+
+
+@dataclass
+class GroupingRules:
+    """Knobs of the default grouping.
+
+    ``no_decay_patterns`` / ``other_patterns``: regular expressions matched (``re.search``) against the full
+    parameter name, sending matches to the no-decay group or away from the matrix rule.
+    ``lr_scales``: group name → lr multiplier (e.g. ``{"no_decay": 0.5}``).
+    """
+
+    decay_embeddings: bool = False
+    decay_norms: bool = False
+    decay_biases: bool = False
+    no_decay_patterns: tuple[str, ...] = ()
+    other_patterns: tuple[str, ...] = ()
+    lr_scales: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """How the rules saw one parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    decay: bool
+    matrix: bool
+    reason: str
+
+
+def _is_norm(module: nn.Module) -> bool:
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+    rms = getattr(nn, "RMSNorm", None)
+    if rms is not None:
+        norm_types = norm_types + (rms,)
+    return isinstance(module, norm_types) or type(module).__name__.lower().endswith("norm")
+
+
+def _clean(name: str) -> str:
+    return name.replace(_COMPILE_PREFIX, "")
+
+
+def classify_parameters(module: nn.Module, rules: GroupingRules | None = None) -> list[tuple[Any, ParamRole]]:
+    """Every trainable parameter once, in ``named_parameters`` order, with its role under ``rules``."""
+    rules = rules or GroupingRules()
+    embedding_ids: set[int] = set()
+    norm_ids: set[int] = set()
+    head_ids: set[int] = set()
+    embedding_rows: set[int] = set()
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        own = list(mod.named_parameters(recurse=False, remove_duplicate=False))
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            embedding_ids.update(id(p) for _, p in own)
+            embedding_rows.add(mod.num_embeddings)
+        elif _is_norm(mod):
+            norm_ids.update(id(p) for _, p in own)
+        if HEAD_NAME.search(_clean(mod_name)):
+            head_ids.update(id(p) for n, p in own if p.ndim >= 2)
+    # a Linear producing as many outputs as an embedding has rows is an output head (untied GPT head)
+    for mod_name, mod in module.named_modules():
+        if isinstance(mod, nn.Linear) and mod.out_features in embedding_rows and mod.out_features >= 1000:
+            head_ids.add(id(mod.weight))
+
+    out: list[tuple[Any, ParamRole]] = []
+    for raw_name, p in module.named_parameters():  # removes duplicates: a tied weight appears once
+        if not p.requires_grad:
+            continue
+        name = _clean(raw_name)
+        shape = tuple(p.shape)
+        leaf = name.rsplit(".", 1)[-1]
+        is_embedding = id(p) in embedding_ids
+        is_head = id(p) in head_ids or HEAD_NAME.search(name.rsplit(".", 1)[0] if "." in name else name) is not None
+        if p.ndim < 2:
+            decay, reason = False, "1-D"
+        elif is_embedding:
+            decay, reason = rules.decay_embeddings, "embedding"
+        elif id(p) in norm_ids:
+            decay, reason = rules.decay_norms, "norm"
+        elif leaf == "bias":
+            decay, reason = rules.decay_biases, "bias"
+        else:
+            decay, reason = True, "head" if is_head else "matrix"
+        if p.ndim < 2 and ((id(p) in norm_ids and rules.decay_norms) or (leaf == "bias" and rules.decay_biases)):
+            decay = True
+        if any(re.search(pat, name) for pat in rules.no_decay_patterns):
+            decay, reason = False, f"pattern:{reason}"
+        matrix = (
+            p.ndim >= 2
+            and not is_embedding
+            and not is_head
+            and id(p) not in norm_ids
+            and not (shape[0] >= LARGE_ROWS and _bare(module, p))
+            and not any(re.search(pat, name) for pat in rules.other_patterns)
+        )
+        out.append((p, ParamRole(name=name, shape=shape, decay=decay, matrix=matrix, reason=reason)))
+    return out
+
+
+def _bare(module: nn.Module, p: Any) -> bool:
+    """True when ``p`` is not owned by a Linear/Conv module (a bare ``nn.Parameter``): the rows fallback applies."""
+    for mod in module.modules():
+        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            if any(q is p for q in mod.parameters(recurse=False)):
+                return False
+    return True
+
+
+def param_groups(
+    module: nn.Module,
+    *,
+    split_matrices: bool = False,
+    weight_decay: float | None = None,
+    rules: GroupingRules | None = None,
+) -> list[dict[str, Any]]:
+    """Named parameter groups for ``module`` under the default rules (see the module docstring).
+
+    Decay groups leave ``weight_decay`` to the optimizer's value unless ``weight_decay`` is given; no-decay
+    groups get ``weight_decay=0``. Empty groups are dropped.
+    """
+    rules = rules or GroupingRules()
+    buckets: dict[str, dict[str, Any]] = {}
+    for p, role in classify_parameters(module, rules):
+        if split_matrices and role.matrix:
+            gname = "matrix" if role.decay else "matrix_no_decay"
+        else:
+            gname = "decay" if role.decay else "no_decay"
+        group = buckets.get(gname)
+        if group is None:
+            group = {"params": [], "param_names": [], "name": gname}
+            if split_matrices:
+                group["matrix"] = role.matrix
+            if not role.decay:
+                group["weight_decay"] = 0.0
+            elif weight_decay is not None:
+                group["weight_decay"] = weight_decay
+            if gname in rules.lr_scales:
+                group["lr_scale"] = float(rules.lr_scales[gname])
+            buckets[gname] = group
+        group["params"].append(p)
+        group["param_names"].append(role.name)
+    unknown = set(rules.lr_scales) - set(buckets)
+    if unknown:
+        raise ValueError(f"lr_scales names unknown group(s) {sorted(unknown)}; groups are {sorted(buckets)}")
+    order = ["matrix", "matrix_no_decay", "decay", "no_decay"]
+    return [buckets[k] for k in order if k in buckets]
+
+
+def routing_table(module: nn.Module, split_matrices: bool = True, rules: GroupingRules | None = None) -> list[ParamRole]:
+    """One :class:`ParamRole` per trainable parameter: where the default rules send it."""
+    return [role for _, role in classify_parameters(module, rules)] if split_matrices else [
+        ParamRole(r.name, r.shape, r.decay, False, r.reason) for _, r in classify_parameters(module, rules)
+    ]
+
+
+def named_groups_summary(groups: Iterable[dict[str, Any]]) -> str:
+    lines = []
+    for g in groups:
+        n = sum(p.numel() for p in g["params"])
+        lines.append(f"{g.get('name', '?'):>16}: {len(g['params']):4d} tensors, {n:,} parameters")
+    return "\n".join(lines)

@@ -1,0 +1,459 @@
+"""The registry: small spec records for every optimizer and LR schedule, and the factories built on them.
+
+An :class:`OptimizerSpec` says everything the rest of the package needs to know about an optimizer without
+building one: how to construct it, its published defaults, how much state it keeps per parameter (for the
+memory estimator), how it routes parameters (hybrids send matrices to one rule and the rest to AdamW), which
+callbacks it needs in a Lightning run, and where the algorithm comes from.
+
+Usage::
+
+    from lightning_optim import create_optimizer, create_scheduler
+    opt = create_optimizer("adamw", model, lr=3e-4)           # default grouping rules applied to the module
+    sched = create_scheduler("cosine", opt, total_steps=10_000, warmup_steps=500)
+
+    @register_optimizer("my-adam", defaults={"lr": 1e-3, "betas": (0.9, 0.99)}, state=StateLayout(2))
+    class MyAdam(torch.optim.Optimizer): ...
+
+Names are case-insensitive and ``-``/``_`` are equivalent; an importable class path (``torch.optim.RAdam``)
+works too. Other packages add optimizers through the entry-point group ``lightning_optim.optimizers``: each
+entry point names an :class:`OptimizerSpec` (or a zero-argument callable returning one, or a module whose
+import registers its optimizers).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "StateLayout",
+    "OptimizerSpec",
+    "SchedulerSpec",
+    "register_optimizer",
+    "register_optimizer_spec",
+    "register_scheduler",
+    "create_optimizer",
+    "create_scheduler",
+    "available_optimizers",
+    "available_schedulers",
+    "optimizer_info",
+    "scheduler_info",
+    "get_optimizer_spec",
+    "normalize_name",
+]
+
+ENTRY_POINT_GROUP = "lightning_optim.optimizers"
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Optimizer state kept for one parameter, for memory accounting.
+
+    ``tensors`` parameter-sized tensors (AdamW 2, Lion 1), plus ``extra(shape)`` elements that depend on the
+    shape (SOAP's m²+n² preconditioners, NorMuon's per-row second moment), plus ``fixed`` scalar elements.
+    ``bytes_per_element`` overrides the state dtype for quantised state (8-bit AdamW: 1 byte plus block
+    scales); ``None`` means "the state dtype", usually the parameter's. ``names`` labels the
+    parameter-sized tensors (``("exp_avg", "exp_avg_sq")``) for the memory report.
+    """
+
+    tensors: float = 0.0
+    extra: Callable[[tuple[int, ...]], int] | None = None
+    bytes_per_element: float | None = None
+    names: tuple[str, ...] = ()
+
+    def numel(self, shape: Iterable[int]) -> float:
+        shape = tuple(int(s) for s in shape)
+        n = math.prod(shape) if shape else 1
+        return self.tensors * n + (self.extra(shape) if self.extra is not None else 0)
+
+    def describe(self) -> str:
+        text = "0" if not self.tensors else f"{self.tensors:g}×P"
+        if self.extra is not None:
+            text += " + " + (getattr(self.extra, "__doc__", None) or "shape-dependent").strip()
+        if self.bytes_per_element is not None:
+            text += f" @ {self.bytes_per_element:g} B/elem"
+        return text
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything known about one registered optimizer.
+
+    ``factory(param_groups, **hyperparameters)`` builds it; ``defaults`` lists *every* accepted
+    hyperparameter with its published default (the unknown-name check reads it). ``state`` is the state
+    per parameter under the main rule; for hybrids ``other_state`` is the state of parameters routed to the
+    internal AdamW. ``callbacks`` are ``"module:Class"`` paths the :class:`~lightning_optim.OptimizerMixin`
+    adds to the Trainer (schedule-free switching, Sophia's Hessian pass).
+    """
+
+    name: str
+    factory: Callable[..., torch.optim.Optimizer]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    family: str = "elementwise"
+    state: StateLayout = StateLayout()
+    other_state: StateLayout | None = None
+    hybrid: bool = False
+    routing: str = "every parameter follows the same rule"
+    paper: str = ""
+    reference: str = ""
+    description: str = ""
+    aliases: tuple[str, ...] = ()
+    callbacks: tuple[str, ...] = ()
+    schedule_free: bool = False
+    requires: str | None = None
+    accepts_extra: bool = False
+
+    def state_numel(self, shape: Iterable[int], is_matrix: bool = True) -> float:
+        """State elements for a parameter of ``shape`` (routed as a matrix or not, for hybrids)."""
+        layout = self.state if (is_matrix or self.other_state is None) else self.other_state
+        return layout.numel(shape)
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """A registered LR schedule: ``schedule_cls(total_steps, warmup_steps, **kw)`` is a pure function of step."""
+
+    name: str
+    schedule_cls: type
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    aliases: tuple[str, ...] = ()
+    needs_total_steps: bool = True
+
+
+_OPTIMIZERS: dict[str, OptimizerSpec] = {}
+_OPTIMIZER_ALIASES: dict[str, str] = {}
+_SCHEDULERS: dict[str, SchedulerSpec] = {}
+_SCHEDULER_ALIASES: dict[str, str] = {}
+_loaded = False
+
+
+def normalize_name(name: str) -> str:
+    """Registry keys are lower case with ``-`` separators: ``SF_AdamW`` → ``sf-adamw``."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"an optimizer or schedule name must be a non-empty string, got {name!r}")
+    return name.strip().lower().replace("_", "-")
+
+
+def register_optimizer_spec(spec: OptimizerSpec, *, overwrite: bool = False) -> OptimizerSpec:
+    """Add ``spec`` to the registry (its name and aliases). Re-registering a name needs ``overwrite=True``."""
+    key = normalize_name(spec.name)
+    spec = replace(spec, name=key)
+    for alias in map(normalize_name, spec.aliases):
+        owner = alias if alias in _OPTIMIZERS else _OPTIMIZER_ALIASES.get(alias)
+        if owner is not None and owner != key and not overwrite:
+            raise ValueError(f"optimizer name {alias!r} is already registered (by {owner!r})")
+    if key in _OPTIMIZERS and not overwrite and _OPTIMIZERS[key].factory is not spec.factory:
+        raise ValueError(f"optimizer {key!r} is already registered; pass overwrite=True to replace it")
+    _OPTIMIZERS[key] = spec
+    for alias in map(normalize_name, spec.aliases):
+        _OPTIMIZER_ALIASES[alias] = key
+    return spec
+
+
+def register_optimizer(name: str, **spec_fields: Any) -> Callable:
+    """Decorator form of :func:`register_optimizer_spec`; decorates the factory (a class or a function)."""
+
+    overwrite = spec_fields.pop("overwrite", False)
+
+    def decorate(factory: Callable) -> Callable:
+        register_optimizer_spec(OptimizerSpec(name=name, factory=factory, **spec_fields), overwrite=overwrite)
+        return factory
+
+    return decorate
+
+
+def register_scheduler(spec: SchedulerSpec) -> SchedulerSpec:
+    key = normalize_name(spec.name)
+    spec = replace(spec, name=key)
+    _SCHEDULERS[key] = spec
+    for alias in map(normalize_name, spec.aliases):
+        _SCHEDULER_ALIASES[alias] = key
+    return spec
+
+
+def _load_entry_points() -> None:
+    try:
+        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except Exception:  # pragma: no cover - broken metadata must not break the registry
+        return
+    for ep in eps:
+        try:
+            obj = ep.load()
+        except Exception as err:  # a broken plugin is reported, not fatal for the built-ins
+            import warnings
+
+            warnings.warn(f"lightning-optim: entry point {ep.name!r} failed to load: {err}", stacklevel=2)
+            continue
+        if callable(obj) and not isinstance(obj, OptimizerSpec) and not inspect.isclass(obj):
+            obj = obj()
+        if isinstance(obj, OptimizerSpec) and normalize_name(obj.name) not in _OPTIMIZERS:
+            register_optimizer_spec(obj)
+
+
+def _ensure_loaded() -> None:
+    """Import the built-in optimizers and schedules, then third-party entry points (once)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    importlib.import_module("lightning_optim.optim")
+    importlib.import_module("lightning_optim.schedules")
+    _load_entry_points()
+
+
+def available_optimizers() -> list[str]:
+    _ensure_loaded()
+    return sorted(_OPTIMIZERS)
+
+
+def available_schedulers() -> list[str]:
+    _ensure_loaded()
+    return sorted(_SCHEDULERS)
+
+
+def _unknown(kind: str, name: str, known: Iterable[str]) -> ValueError:
+    known = sorted(known)
+    close = difflib.get_close_matches(normalize_name(name), known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(f"unknown {kind} {name!r}.{hint} Available: {', '.join(known)}.")
+
+
+def _import_class_path(path: str) -> type | None:
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    return getattr(module, attr, None)
+
+
+def get_optimizer_spec(name: str) -> OptimizerSpec:
+    """The spec for a registry key, alias or importable optimizer class path."""
+    _ensure_loaded()
+    key = normalize_name(name)
+    key = _OPTIMIZER_ALIASES.get(key, key)
+    if key in _OPTIMIZERS:
+        return _OPTIMIZERS[key]
+    if "." in name:
+        cls = _import_class_path(name.strip())
+        if cls is None:
+            raise ValueError(f"optimizer class path {name!r} could not be imported")
+        if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
+            raise ValueError(f"{name!r} is not a torch.optim.Optimizer subclass")
+        return _spec_from_class(name.strip(), cls)
+    names = list(_OPTIMIZERS) + list(_OPTIMIZER_ALIASES)
+    raise _unknown("optimizer", name, names)
+
+
+def _spec_from_class(path: str, cls: type) -> OptimizerSpec:
+    params = inspect.signature(cls.__init__).parameters
+    defaults = {
+        k: (None if p.default is inspect.Parameter.empty else p.default)
+        for k, p in list(params.items())[2:]  # skip self, params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    accepts_extra = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return OptimizerSpec(
+        name=path, factory=cls, defaults=defaults, family="external", reference=path,
+        description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+        accepts_extra=accepts_extra, state=StateLayout(float("nan")),
+    )
+
+
+def optimizer_info(name: str) -> OptimizerSpec:
+    """The registered spec: factory, defaults, state per parameter, routing, paper and reference."""
+    return get_optimizer_spec(name)
+
+
+def get_scheduler_spec(name: str) -> SchedulerSpec:
+    _ensure_loaded()
+    key = normalize_name(name)
+    key = _SCHEDULER_ALIASES.get(key, key)
+    if key not in _SCHEDULERS:
+        raise _unknown("schedule", name, list(_SCHEDULERS) + list(_SCHEDULER_ALIASES))
+    return _SCHEDULERS[key]
+
+
+scheduler_info = get_scheduler_spec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hyperparameter validation: every value is checked by the rule its name implies, before anything is built.
+
+
+def _check_value(field_name: str, value: Any) -> None:
+    """Range checks implied by a hyperparameter's name (``lr``, ``*_lr``, ``betas``, ``eps``, ...)."""
+    if value is None:
+        return
+    leaf = field_name.split(".")[-1]
+
+    def number(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) and not (
+            isinstance(v, torch.Tensor) and v.numel() == 1
+        ):
+            raise ValueError(f"{field_name} must be a number, got {v!r}")
+        v = float(v)
+        if math.isnan(v):
+            raise ValueError(f"{field_name} must not be NaN")
+        return v
+
+    if leaf == "lr" or leaf.endswith("_lr"):
+        if number(value) < 0:
+            raise ValueError(f"{field_name} must be >= 0 (a negative learning rate ascends the loss), got {value}")
+    elif leaf == "betas" or leaf.endswith("_betas"):
+        if not isinstance(value, (tuple, list)) or not value:
+            raise ValueError(f"{field_name} must be a tuple of numbers in [0, 1), got {value!r}")
+        for i, b in enumerate(value):
+            if b is None:
+                continue
+            b = number(b)
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"{field_name}[{i}] must be in [0, 1), got {b}")
+    elif leaf in ("beta1", "beta2", "beta3", "momentum", "beta", "mu") or leaf.startswith("beta"):
+        b = number(value)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{field_name} must be in [0, 1), got {b}")
+    elif leaf == "eps" or leaf.endswith("_eps"):
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                if v is not None and number(v) <= 0:
+                    raise ValueError(f"{field_name} must be > 0, got {value}")
+        elif number(value) <= 0:
+            raise ValueError(f"{field_name} must be > 0, got {value}")
+    elif leaf == "weight_decay" or leaf.endswith("_weight_decay"):
+        if number(value) < 0:
+            raise ValueError(f"{field_name} must be >= 0, got {value}")
+    elif leaf.endswith("_steps") or leaf.endswith("_interval") or leaf.endswith("_frequency"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{field_name} must be >= 0, got {value}")
+
+
+def validate_hyperparameters(spec: OptimizerSpec, hp: Mapping[str, Any]) -> None:
+    """Refuse unknown names (listing the accepted ones) and out-of-range values, naming the field."""
+    if not spec.accepts_extra:
+        unknown = sorted(set(hp) - set(spec.defaults))
+        if unknown:
+            accepted = ", ".join(sorted(spec.defaults)) or "(none)"
+            close = {u: difflib.get_close_matches(u, list(spec.defaults), n=1) for u in unknown}
+            hints = "".join(f" ({u!r}: did you mean {c[0]!r}?)" for u, c in close.items() if c)
+            raise ValueError(
+                f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for optimizer {spec.name!r}.{hints} "
+                f"Accepted: {accepted}."
+            )
+    for k, v in hp.items():
+        _check_value(k, v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Factories
+
+
+def _as_param_groups(params_or_module: Any, spec: OptimizerSpec) -> list[dict[str, Any]]:
+    from lightning_optim.param_groups import param_groups
+
+    if isinstance(params_or_module, nn.Module):
+        groups = param_groups(params_or_module, split_matrices=spec.hybrid)
+    elif isinstance(params_or_module, torch.Tensor):
+        raise TypeError(
+            "params must be an iterable of tensors, parameter groups or an nn.Module, not a single tensor; "
+            "wrap it in a list"
+        )
+    else:
+        items = list(params_or_module)
+        if items and all(isinstance(g, dict) for g in items):
+            groups = []
+            for i, g in enumerate(items):
+                if "params" not in g:
+                    raise ValueError(f"parameter group {i} has no 'params' key: {sorted(g)}")
+                g = dict(g)
+                ps = g["params"]
+                g["params"] = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+                groups.append(g)
+        elif any(isinstance(g, dict) for g in items):
+            raise TypeError("params mixes parameter groups (dicts) and tensors; use one or the other")
+        else:
+            groups = [{"params": items}] if items else []
+    total = sum(len(g["params"]) for g in groups)
+    if total == 0:
+        raise ValueError(
+            f"optimizer {spec.name!r} got an empty parameter list (are all parameters frozen with "
+            "requires_grad=False?)"
+        )
+    for gi, g in enumerate(groups):
+        for pi, p in enumerate(g["params"]):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"parameter group {gi} item {pi} is a {type(p).__name__}, not a tensor")
+            if not p.is_floating_point() and not p.is_complex():
+                raise ValueError(f"parameter group {gi} item {pi} has dtype {p.dtype}; only floating point trains")
+        for k, v in g.items():
+            if k != "params":
+                _check_value(f"param_groups[{gi}].{k}", v)
+    return groups
+
+
+def create_optimizer(name: str, params_or_module: Any, **hyperparameters: Any) -> torch.optim.Optimizer:
+    """Build the optimizer ``name`` over a module (default grouping rules) or parameters / groups.
+
+    Hyperparameters not given take the spec's published defaults. A group may carry ``lr_scale``: its lr is
+    the optimizer lr times that factor (schedules multiply each group's own lr, so the ratio holds).
+    Raises ``ValueError`` for an unknown name (with close matches), an unknown hyperparameter (with the
+    accepted ones) or a value out of range, before anything is allocated.
+    """
+    spec = get_optimizer_spec(name)
+    validate_hyperparameters(spec, hyperparameters)
+    groups = _as_param_groups(params_or_module, spec)
+    hp = {k: v for k, v in {**spec.defaults, **hyperparameters}.items()}
+    if spec.family == "external":  # pass only what the user gave; the class has its own defaults
+        hp = dict(hyperparameters)
+    try:
+        optimizer = spec.factory(groups, **hp)
+    except ImportError as err:
+        if spec.requires:
+            raise ImportError(
+                f"optimizer {spec.name!r} needs {spec.requires}: pip install 'lightning-optim[{spec.requires}]'"
+                f" ({err})"
+            ) from err
+        raise
+    for group in optimizer.param_groups:
+        scale = group.get("lr_scale")
+        if scale is not None:
+            _check_value("lr_scale", scale)
+            group["lr"] = group["lr"] * scale
+    return optimizer
+
+
+def create_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
+    **kwargs: Any,
+):
+    """A :class:`~lightning_optim.schedules.ScheduledLR` multiplying each group's own lr by the schedule.
+
+    ``total_steps`` may be ``None`` for schedules that do not need a horizon (constant, inverse-sqrt) or
+    when the horizon is filled in later (``scheduler.set_total_steps``), as the mixin does when the Trainer
+    has no ``max_steps``.
+    """
+    from lightning_optim.schedules import ScheduledLR
+
+    spec = get_scheduler_spec(name)
+    unknown = sorted(set(kwargs) - set(spec.defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {', '.join(map(repr, unknown))} for schedule {spec.name!r}. "
+            f"Accepted: total_steps, warmup_steps, {', '.join(sorted(spec.defaults)) or '(none)'}."
+        )
+    schedule = spec.schedule_cls(total_steps=total_steps, warmup_steps=warmup_steps, **{**spec.defaults, **kwargs})
+    return ScheduledLR(optimizer, schedule)
