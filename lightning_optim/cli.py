@@ -60,15 +60,11 @@ def _info(args: argparse.Namespace) -> int:
 def _memory(args: argparse.Namespace) -> int:
     names = available_optimizers() if args.optimizer == "all" else [args.optimizer]
     kwargs = dict(weight_dtype=args.weight_dtype, grad_dtype=args.grad_dtype, state_dtype=args.state_dtype,
-                  shard=args.shard)
+                  master_dtype=args.master_dtype, shard=args.shard, sharding=args.sharding)
     if args.preset:
-        import torch
+        from lightning_optim.memory import preset_shapes
 
-        from lightning_optim.models import build_model
-
-        with torch.device("meta"):
-            module = build_model(args.preset, arch=args.arch)
-        source = {"module": module}
+        source = {"shapes": preset_shapes(args.preset, args.arch)}  # meta device: nothing is allocated
     elif args.params:
         source = {"n_params": float(args.params)}
     else:
@@ -90,13 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     mem = sub.add_parser("memory", help="parameters / gradients / optimizer state / total")
     mem.add_argument("--params", help="parameter count, e.g. 7e9")
-    mem.add_argument("--preset", help="a model preset (tiny, 124m, 210m, 583m, 720m)")
+    mem.add_argument("--preset", help="a model preset (tiny, 124m, 210m, 583m, 720m) or llama2-7b, llama3-8b, ...")
     mem.add_argument("--arch", default="llama", help="model family for --preset: llama or gpt2")
     mem.add_argument("--optimizer", default="adamw", help="registry name, or 'all'")
     mem.add_argument("--weight-dtype", default="float32")
     mem.add_argument("--grad-dtype", default=None, help="default: the weight dtype")
     mem.add_argument("--state-dtype", default=None, help="default: the weight dtype")
+    mem.add_argument("--master-dtype", default=None, help="add a master copy of the weights in this dtype")
     mem.add_argument("--shard", type=int, default=1, help="FSDP sharding factor (ranks)")
+    mem.add_argument("--sharding", default="full", choices=["full", "grad_op", "optimizer"],
+                     help="what the ranks split: full (FSDP/ZeRO-3), grad_op (ZeRO-2), optimizer (ZeRO-1)")
     mem.set_defaults(func=_memory)
     return parser
 

@@ -1,18 +1,35 @@
 """Memory estimator: bytes for parameters, gradients and each optimizer state tensor, from the registry specs.
 
-For ``P`` parameters in dtype ``w`` with optimizer state in dtype ``s``::
+For ``P`` parameters with weights in dtype ``w``, gradients in ``g`` and optimizer state in ``s``::
 
-    parameters = P·|w| / shard      gradients = P·|g| / shard      state = Σ_tensors numel·|s| / shard
+    parameters = P·|w|      gradients = P·|g|      master weights = P·|m| (only when asked for)
+    state      = Σ_parameters Σ_state-tensors numel·|s|      (|s| overridden by quantised layouts)
 
-where the state numel per parameter comes from the optimizer's :class:`~lightning_optim.registry.StateLayout`
-(hybrids: matrices under the main rule, the rest under their internal AdamW; shape-dependent state such as
-SOAP's preconditioners needs the shapes, so pass a module or a preset for the exact figure). ``shard`` is
-the FSDP sharding factor (the number of ranks the state is split over). Units are decimal (1 GB = 10⁹ B):
-7e9 parameters with AdamW in float32 → 28 GB each for weights, gradients, m and v, 112 GB in all.
+each divided by the sharding factor for the pieces the chosen sharding splits (``full`` = FSDP / ZeRO-3:
+everything; ``grad_op`` = ZeRO-2: gradients and state; ``optimizer`` = ZeRO-1: state only).
+
+The state per parameter comes from the optimizer's :class:`~lightning_optim.registry.StateLayout`:
+``tensors`` parameter-sized tensors, plus ``extra(shape)`` shape-dependent elements (Adafactor's row and
+column factors, SOAP's preconditioners, NorMuon's per-row second moment). Hybrids (Muon, D-Muon, MARS, ...)
+send matrices to the main rule and everything else to their internal AdamW (``other_state``); which
+parameters are matrices needs the model, so pass ``module=`` or ``preset=`` for the exact figure. With only
+``n_params`` every parameter is treated as a matrix of unknown shape and shape-dependent state is left out
+(the estimate says so: ``exact=False``).
+
+What it counts is what an optimizer allocates per parameter: scalar step counters (0-dim tensors or Python
+numbers) are left out, and so are activations, temporary buffers of the step and allocator overhead.
+
+Units are decimal (1 GB = 10⁹ B). 7e9 parameters with AdamW in float32 → 28 GB each for weights,
+gradients, m and v, 112 GB in all::
+
+    >>> estimate_memory("adamw", 7e9).total / 1e9
+    112.0
+    $ lightning-optim memory --params 7e9 --optimizer adamw
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -21,13 +38,31 @@ from torch import nn
 
 from lightning_optim.registry import OptimizerSpec, get_optimizer_spec
 
-__all__ = ["MemoryEstimate", "estimate_memory", "dtype_bytes", "format_bytes", "shapes_of"]
+__all__ = [
+    "MemoryEstimate",
+    "estimate_memory",
+    "dtype_bytes",
+    "format_bytes",
+    "shapes_of",
+    "transformer_shapes",
+    "preset_shapes",
+    "measure_state_bytes",
+    "KNOWN_SHAPES",
+    "SHARDING",
+]
 
 _DTYPES = {
     "float32": 4, "fp32": 4, "float": 4, "tf32": 4,
     "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
     "float64": 8, "fp64": 8, "double": 8,
-    "float8": 1, "fp8": 1, "int8": 1, "uint8": 1,
+    "float8": 1, "fp8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1,
+}
+
+#: sharding strategy → which pieces are divided by the sharding factor
+SHARDING = {
+    "full": ("parameters", "gradients", "master", "state"),  # FSDP FULL_SHARD / FSDP2 fully_shard / ZeRO-3
+    "grad_op": ("gradients", "master", "state"),  # FSDP SHARD_GRAD_OP / ZeRO-2
+    "optimizer": ("master", "state"),  # ZeRO-1: only the optimizer's own memory
 }
 
 
@@ -59,6 +94,10 @@ class MemoryEstimate:
     state: dict[str, float] = field(default_factory=dict)
     shard: int = 1
     exact: bool = True
+    master: float = 0.0
+    sharding: str = "full"
+    dtypes: dict[str, str] = field(default_factory=dict)
+    unsharded_total: float | None = None
 
     @property
     def state_total(self) -> float:
@@ -66,21 +105,52 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.state_total
+        return self.parameters + self.gradients + self.master + self.state_total
 
     def bytes_per_param(self) -> float:
-        return self.total * self.shard / max(self.n_params, 1)
+        """Total bytes per parameter over all ranks (16 for AdamW in float32)."""
+        world = self.unsharded_total if self.unsharded_total is not None else self.total * self.shard
+        return world / max(self.n_params, 1)
+
+    def state_bytes_per_param(self) -> float:
+        """Optimizer-state bytes per parameter over all ranks (8 for AdamW in float32)."""
+        return self.state_total * self.shard / max(self.n_params, 1)
+
+    def as_dict(self) -> dict[str, float | int | str | bool]:
+        return {
+            "optimizer": self.optimizer, "n_params": self.n_params, "parameters": self.parameters,
+            "gradients": self.gradients, "master": self.master, "state": self.state_total, "total": self.total,
+            "shard": self.shard, "sharding": self.sharding, "exact": self.exact,
+            "state_bytes_per_param": self.state_bytes_per_param(),
+        }
 
     def table(self) -> str:
         rows = [("parameters", self.parameters), ("gradients", self.gradients)]
+        if self.master:
+            rows.append(("master weights", self.master))
         rows += [(f"state: {k}", v) for k, v in self.state.items()]
         rows.append(("total", self.total))
         width = max(len(r[0]) for r in rows)
-        head = f"{self.optimizer}: {self.n_params:,} parameters" + (f", sharded {self.shard}-way (per rank)" if self.shard > 1 else "")
+        head = f"{self.optimizer}: {self.n_params:,} parameters"
+        if self.dtypes:
+            head += " (" + ", ".join(f"{k} {v}" for k, v in self.dtypes.items()) + ")"
+        if self.shard > 1:
+            head += f", {self.sharding}-sharded {self.shard}-way (per rank)"
         lines = [head] + [f"  {name:<{width}}  {format_bytes(v):>12}" for name, v in rows]
+        lines.append(
+            f"  {'per parameter':<{width}}  {self.bytes_per_param():>9.2f} B  "
+            f"(optimizer state {self.state_bytes_per_param():.2f} B)"
+        )
         if not self.exact:
-            lines.append("  (shape-dependent state left out or hybrid split assumed: pass a module or --preset for the exact figure)")
+            lines.append(
+                "  (shape-dependent state left out or hybrid split assumed: pass a module or --preset for the "
+                "exact figure)"
+            )
         return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shapes
 
 
 def shapes_of(module: nn.Module, split_matrices: bool = True) -> list[tuple[tuple[int, ...], bool]]:
@@ -88,6 +158,91 @@ def shapes_of(module: nn.Module, split_matrices: bool = True) -> list[tuple[tupl
     from lightning_optim.param_groups import classify_parameters
 
     return [(role.shape, role.matrix if split_matrices else True) for _, role in classify_parameters(module)]
+
+
+def transformer_shapes(
+    d_model: int,
+    n_layers: int,
+    vocab_size: int,
+    d_ff: int | None = None,
+    *,
+    arch: str = "llama",
+    n_kv_heads: int | None = None,
+    n_heads: int | None = None,
+    tied: bool = False,
+    max_seq_len: int = 1024,
+) -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, is_matrix) of a decoder-only transformer without building it (for 7B-and-up estimates).
+
+    ``llama``: RMSNorm gains, q/k/v/o without bias (grouped k/v with ``n_kv_heads``), SwiGLU (gate, up, down),
+    untied head unless ``tied``. ``gpt2``: LayerNorm with bias, fused qkv and MLP with biases, learned
+    positions, tied head. Embeddings and the head are not matrices (they go to a hybrid's AdamW).
+    """
+    if arch not in ("llama", "gpt2"):
+        raise ValueError(f"arch must be 'llama' or 'gpt2', got {arch!r}")
+    shapes: list[tuple[tuple[int, ...], bool]] = [((vocab_size, d_model), False)]
+    if arch == "llama":
+        d_ff = d_ff or 4 * d_model
+        kv = d_model if not (n_kv_heads and n_heads) else d_model * n_kv_heads // n_heads
+        block = [
+            ((d_model,), False),
+            ((d_model, d_model), True), ((kv, d_model), True), ((kv, d_model), True), ((d_model, d_model), True),
+            ((d_model,), False),
+            ((d_ff, d_model), True), ((d_ff, d_model), True), ((d_model, d_ff), True),
+        ]
+        shapes += block * n_layers + [((d_model,), False)]
+    else:
+        d_ff = d_ff or 4 * d_model
+        shapes.append(((max_seq_len, d_model), False))
+        block = [
+            ((d_model,), False), ((d_model,), False),
+            ((3 * d_model, d_model), True), ((3 * d_model,), False), ((d_model, d_model), True), ((d_model,), False),
+            ((d_model,), False), ((d_model,), False),
+            ((d_ff, d_model), True), ((d_ff,), False), ((d_model, d_ff), True), ((d_model,), False),
+        ]
+        shapes += block * n_layers + [((d_model,), False), ((d_model,), False)]
+        tied = True
+    if not tied:
+        shapes.append(((vocab_size, d_model), False))
+    return shapes
+
+
+#: Published shapes of well-known models, for estimates without building them (``preset="llama2-7b"``).
+KNOWN_SHAPES = {
+    "llama2-7b": dict(d_model=4096, n_layers=32, vocab_size=32000, d_ff=11008, arch="llama"),
+    "llama2-13b": dict(d_model=5120, n_layers=40, vocab_size=32000, d_ff=13824, arch="llama"),
+    "llama3-8b": dict(d_model=4096, n_layers=32, vocab_size=128256, d_ff=14336, n_heads=32, n_kv_heads=8,
+                      arch="llama"),
+    "llama2-70b": dict(d_model=8192, n_layers=80, vocab_size=32000, d_ff=28672, n_heads=64, n_kv_heads=8,
+                       arch="llama"),
+}
+KNOWN_SHAPES["7b"] = KNOWN_SHAPES["llama2-7b"]
+
+
+def preset_shapes(preset: str, arch: str = "llama") -> list[tuple[tuple[int, ...], bool]]:
+    """Shapes of a model preset: :func:`lightning_optim.models.build_model` on the meta device (nothing is
+    allocated), or one of :data:`KNOWN_SHAPES` (``llama2-7b``, ``llama3-8b``, ...)."""
+    key = preset.strip().lower()
+    try:
+        from lightning_optim.models import build_model
+    except ImportError:
+        build_model = None
+    if build_model is not None:
+        try:
+            with torch.device("meta"):
+                module = build_model(preset, arch=arch)
+        except (ValueError, KeyError):
+            if key not in KNOWN_SHAPES:
+                raise
+        else:
+            return shapes_of(module)
+    if key in KNOWN_SHAPES:
+        return transformer_shapes(**KNOWN_SHAPES[key])
+    raise ValueError(f"unknown preset {preset!r}; known without lightning_optim.models: {', '.join(KNOWN_SHAPES)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Estimate
 
 
 def _state_names(spec: OptimizerSpec, is_matrix: bool) -> list[tuple[str, float]]:
@@ -113,42 +268,58 @@ def estimate_memory(
     *,
     module: nn.Module | None = None,
     shapes: Iterable[tuple[tuple[int, ...], bool]] | None = None,
+    preset: str | None = None,
+    arch: str = "llama",
     weight_dtype: str | torch.dtype = "float32",
     grad_dtype: str | torch.dtype | None = None,
     state_dtype: str | torch.dtype | None = None,
+    master_dtype: str | torch.dtype | None = None,
     shard: int = 1,
+    sharding: str = "full",
 ) -> MemoryEstimate:
     """Estimate memory per rank for training with ``optimizer``.
 
-    Give exactly one of ``n_params`` (all parameters treated as matrices of unknown shape), ``module`` or
-    ``shapes`` (``(shape, is_matrix)`` pairs). Gradients default to the weight dtype, state to the weight dtype.
+    Give exactly one of ``n_params`` (all parameters treated as matrices of unknown shape), ``module``,
+    ``shapes`` (``(shape, is_matrix)`` pairs) or ``preset`` (a :mod:`lightning_optim.models` preset with
+    ``arch``, or a name in :data:`KNOWN_SHAPES`). Gradients and state default to the weight dtype (what
+    torch's optimizers allocate: state like the parameter); ``master_dtype`` adds a master copy of the
+    weights (bf16 weights with fp32 master weights). ``shard`` is the number of ranks and ``sharding`` which
+    pieces they split (see :data:`SHARDING`).
     """
     spec = get_optimizer_spec(optimizer)
-    given = sum(x is not None for x in (n_params, module, shapes))
+    given = sum(x is not None for x in (n_params, module, shapes, preset))
     if given != 1:
-        raise ValueError("give exactly one of n_params, module or shapes")
-    if shard < 1 or int(shard) != shard:
+        raise ValueError("give exactly one of n_params, module, shapes or preset")
+    if isinstance(shard, bool) or shard < 1 or int(shard) != shard:
         raise ValueError(f"shard must be a positive integer, got {shard}")
+    if sharding not in SHARDING:
+        raise ValueError(f"sharding must be one of {', '.join(SHARDING)}, got {sharding!r}")
     wb = dtype_bytes(weight_dtype)
     gb = dtype_bytes(grad_dtype) if grad_dtype is not None else wb
     sb = dtype_bytes(state_dtype) if state_dtype is not None else wb
-    exact = True
+    mb = dtype_bytes(master_dtype) if master_dtype is not None else 0
+    exact = spec.state.tensors == spec.state.tensors  # NaN: unknown external class
     if module is not None:
         shapes = shapes_of(module, split_matrices=spec.hybrid)
+    elif preset is not None:
+        shapes = preset_shapes(preset, arch)
     if shapes is None:
         if n_params is None or n_params <= 0:
             raise ValueError(f"n_params must be positive, got {n_params}")
         total = int(n_params)
-        exact = spec.state.extra is None and not spec.hybrid
+        has_extra = spec.state.extra is not None or (spec.other_state is not None and spec.other_state.extra is not None)
+        exact = exact and not has_extra and not spec.hybrid
         per_shape = [((total,), True, False)]
     else:
-        shapes = list(shapes)
-        per_shape = [(tuple(s), bool(m), True) for s, m in shapes]
-        total = sum(int(torch.Size(s).numel()) for s, _ in shapes)
+        shapes = [(tuple(int(d) for d in s), bool(m)) for s, m in shapes]
+        if not spec.hybrid:
+            shapes = [(s, True) for s, _ in shapes]
+        per_shape = [(s, m, True) for s, m in shapes]
+        total = sum(math.prod(s) for s, _ in shapes)
 
     state: dict[str, float] = {}
     for shape, is_matrix, use_extra in per_shape:
-        numel = int(torch.Size(shape).numel())
+        numel = math.prod(shape)
         layout = spec.state if (is_matrix or spec.other_state is None) else spec.other_state
         elem = layout.bytes_per_element if layout.bytes_per_element is not None else sb
         prefix = "" if spec.other_state is None else ("matrix " if is_matrix else "adamw ")
@@ -157,8 +328,73 @@ def estimate_memory(
         if use_extra and layout.extra is not None:
             key = prefix + "shape-dependent"
             state[key] = state.get(key, 0.0) + layout.extra(shape) * elem
-    state = {k: v / shard for k, v in state.items()}
+    split = SHARDING[sharding]
+    div = {k: (shard if k in split else 1) for k in ("parameters", "gradients", "master", "state")}
+    state = {k: v / div["state"] for k, v in state.items()}
+    dtypes = {"weights": _dtype_name(weight_dtype)}
+    if gb != wb:
+        dtypes["grads"] = _dtype_name(grad_dtype)
+    if sb != wb:
+        dtypes["state"] = _dtype_name(state_dtype)
+    if master_dtype is not None:
+        dtypes["master"] = _dtype_name(master_dtype)
     return MemoryEstimate(
-        optimizer=spec.name, n_params=total, parameters=total * wb / shard, gradients=total * gb / shard,
-        state=state, shard=int(shard), exact=exact,
+        optimizer=spec.name, n_params=total, parameters=total * wb / div["parameters"],
+        gradients=total * gb / div["gradients"], master=total * mb / div["master"],
+        state=state, shard=int(shard), exact=exact, sharding=sharding, dtypes=dtypes,
+        unsharded_total=total * (wb + gb + mb) + sum(state.values()) * div["state"],
     )
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def _tensors_in(obj, out: list[torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors_in(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors_in(v, out)
+
+
+def measure_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state actually allocated: every tensor with at least one dimension found in
+    ``optimizer.state`` (nested dicts and lists included) and in any optimizer it holds as an attribute
+    (hybrids that delegate), each storage counted once. 0-dim tensors are step counters and left out,
+    as the estimator leaves them out."""
+    tensors: list[torch.Tensor] = []
+    seen_opts: set[int] = set()
+
+    def visit(opt: torch.optim.Optimizer) -> None:
+        if id(opt) in seen_opts:
+            return
+        seen_opts.add(id(opt))
+        for st in opt.state.values():
+            _tensors_in(st, tensors)
+        for value in vars(opt).values():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if isinstance(item, torch.optim.Optimizer):
+                    visit(item)
+
+    visit(optimizer)
+    storages: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if t.dim() == 0:
+            continue
+        if hasattr(t, "to_local"):  # DTensor: the local shard is what this rank holds
+            t = t.to_local()
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            continue
+        key = (str(t.device), storage.data_ptr())
+        storages[key] = max(storages.get(key, 0), storage.nbytes())
+    return int(sum(storages.values()))
