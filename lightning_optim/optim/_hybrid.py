@@ -1,0 +1,255 @@
+"""One optimizer object, two rules: matrices follow a matrix rule (Muon family), everything else an internal AdamW.
+
+Lightning's automatic optimisation refuses more than one optimizer, and one object keeps gradient clipping,
+accumulation, the LR scheduler and checkpoints working, so the hybrid lives in a single
+:class:`torch.optim.Optimizer` whose parameter groups carry ``"matrix": True/False``:
+
+* groups from :func:`lightning_optim.param_groups` with ``split_matrices=True`` already carry the flag
+  (names ``matrix``/``matrix_no_decay``/``decay``/``no_decay``; ``create_optimizer(name, module)`` does this);
+* a group without the flag (plain ``model.parameters()``) is split by ``ndim >= 2`` into ``<name>_matrix`` and
+  ``<name>_adamw`` (``matrix``/``adamw`` when unnamed), keeping ``param_names`` aligned.
+
+AdamW groups take their own ``lr``/``betas``/``eps``/``weight_decay`` from ``adamw_lr``, ``adamw_betas``,
+``adamw_eps``, ``adamw_weight_decay`` unless the group sets them (``None`` means "the matrix value"). Every
+group keeps its ``name`` (LearningRateMonitor shows ``lr-<Optimizer>/<name>``) and schedules multiply each
+group's own ``lr``. :meth:`HybridMatrixOptimizer.routing_table` lists which parameter went where.
+
+Parameters with more than two dimensions (convolutions) are viewed as ``shape[0] × prod(shape[1:])`` for the
+matrix rule, as Keller Jordan's Muon does for conv filters; stacked experts ``(E, m, n)`` are therefore treated
+as one ``E × m·n`` matrix, not E matrices — split them into separate parameters or route them to AdamW
+(``GroupingRules.other_patterns``) if that is not what you want. Parameters the matrix rule cannot handle
+(fewer than two dimensions in a matrix group, complex, empty, DTensors on 2-D meshes or with placements other
+than ``Shard(0)``/``Replicate``) raise ``ValueError`` naming the parameter when the optimizer is built.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw as _adamw_functional
+
+from lightning_optim.optim._matrix_dist import DTensor, MatrixMeta, local, matrix_meta, orthogonalize
+from lightning_optim.optim.newton_schulz import newton_schulz, resolve_coefficients
+
+__all__ = ["HybridMatrixOptimizer", "ADAMW_ROUTING", "state_like_rows"]
+
+ADAMW_ROUTING = (
+    "parameters with >= 2 dimensions that are not embeddings or the output head (module type, tie to an "
+    "embedding, head name, or >= 10000 rows for bare parameters) follow the matrix rule, viewed as "
+    "shape[0] x prod(shape[1:]); embeddings, the head and 1-D parameters follow the internal AdamW "
+    "(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay). Groups carry 'matrix': True/False; plain "
+    "parameter lists are split by ndim >= 2."
+)
+
+_ADAMW_KEYS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
+
+
+def state_like_rows(p: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A zero ``rows × 1`` state tensor for parameter ``p``, a DTensor shard laid out like ``p`` if ``p`` is one."""
+    if isinstance(p, DTensor):
+        loc = torch.zeros(p._local_tensor.shape[0], 1, dtype=dtype, device=p._local_tensor.device)
+        return DTensor.from_local(loc, p.device_mesh, p.placements, run_check=False,
+                                  shape=torch.Size((p.shape[0], 1)), stride=(1, 1))
+    return torch.zeros(p.shape[0], 1, dtype=dtype, device=p.device)
+
+
+def _fused_ok(tensors: list[Tensor]) -> bool:
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return bool(tensors) and all(t.is_floating_point() and t.device.type in devices for t in tensors) and len(
+        {(t.device, t.dtype) for t in tensors}) == 1
+
+
+class HybridMatrixOptimizer(torch.optim.Optimizer):
+    """Base of the Muon family: routing, state initialisation, the batched/distributed orthogonalisation and
+    the internal AdamW. Subclasses implement :meth:`_apply_matrix_update` (what to do with ``NS(u)``).
+
+    ``distributed``: ``None`` (auto: plain tensors on ``world > 1`` ranks are DDP replicas and share the
+    Newton–Schulz work; DTensor shards are always orthogonalised once across ranks) or ``False`` (every rank
+    orthogonalises all its plain matrices itself).
+    """
+
+    matrix_state_names: tuple[str, ...] = ("momentum_buffer",)
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, adamw_lr: float | None, adamw_betas: tuple,
+                 adamw_eps: float, adamw_weight_decay: float | None, distributed: bool | None = None) -> None:
+        self._adamw_defaults = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps,
+                                "weight_decay": adamw_weight_decay}
+        self._distributed = distributed
+        self._metas: dict[int, MatrixMeta] = {}
+        resolve_coefficients(defaults.get("ns_coefficients", "jordan"), defaults.get("ns_steps", 5))
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or parameter groups, not a single tensor")
+        params = list(params)
+        if params and not isinstance(params[0], dict):
+            params = [{"params": params}]
+        super().__init__(params, defaults)
+
+    # -- routing --------------------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        ps = group["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        if ps and isinstance(ps[0], tuple):  # named parameters
+            group["param_names"] = [n for n, _ in ps]
+            ps = [p for _, p in ps]
+        group["params"] = ps
+        if "matrix" not in group:
+            names = group.get("param_names")
+            mat = [i for i, p in enumerate(ps) if p.ndim >= 2]
+            oth = [i for i, p in enumerate(ps) if p.ndim < 2]
+            base = group.get("name")
+            parts = []
+            for idx, flag, suffix in ((mat, True, "matrix"), (oth, False, "adamw")):
+                if not idx:
+                    continue
+                g = dict(group)
+                g["params"] = [ps[i] for i in idx]
+                if names is not None:
+                    g["param_names"] = [names[i] for i in idx]
+                g["name"] = f"{base}_{suffix}" if base else suffix
+                g["matrix"] = flag
+                parts.append(g)
+            for g in parts:
+                self.add_param_group(g)
+            return
+        group["matrix"] = bool(group["matrix"])
+        if not group["matrix"]:
+            for key, value in self._adamw_defaults.items():
+                if key not in group:
+                    group[key] = self.defaults[key] if value is None else value
+        else:
+            names = group.get("param_names") or [None] * len(ps)
+            for i, p in enumerate(ps):
+                label = names[i] or f"{group.get('name', 'matrix')}[{i}] shape {tuple(p.shape)}"
+                self._metas[id(p)] = matrix_meta(p, label, self._distributed)
+            resolve_coefficients(group.get("ns_coefficients", self.defaults.get("ns_coefficients", "jordan")),
+                                 group.get("ns_steps", self.defaults.get("ns_steps", 5)))
+        super().add_param_group(group)
+
+    def routing_table(self) -> list[dict[str, Any]]:
+        """One row per parameter: name, shape, rule (``matrix``/``adamw``), group name, lr and weight decay."""
+        rows = []
+        for gi, g in enumerate(self.param_groups):
+            names = g.get("param_names") or [f"{g.get('name', gi)}[{i}]" for i in range(len(g["params"]))]
+            for n, p in zip(names, g["params"]):
+                rows.append({"name": n, "shape": tuple(p.shape), "rule": "matrix" if g["matrix"] else "adamw",
+                             "group": g.get("name", str(gi)), "lr": g["lr"], "weight_decay": g["weight_decay"]})
+        return rows
+
+    def _meta(self, p: Tensor) -> MatrixMeta:
+        meta = self._metas.get(id(p))
+        if meta is None:
+            meta = self._metas[id(p)] = matrix_meta(p, f"shape {tuple(p.shape)}", self._distributed)
+        return meta
+
+    # -- the step -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_mode()
+        matrix_groups = [g for g in self.param_groups if g["matrix"]]
+        if matrix_groups:
+            self._step_matrices(matrix_groups)
+        for g in self.param_groups:
+            if not g["matrix"]:
+                self._step_other(g)
+        return loss
+
+    def _check_mode(self) -> None:
+        pass
+
+    def _init_matrix_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _ns_inputs(self, group: dict[str, Any], ps: list[Tensor]) -> list[Tensor]:
+        """Update the momentum and return the matrices to orthogonalise (local tensors)."""
+        grads = [local(p.grad) for p in ps]
+        bufs = [local(self.state[p]["momentum_buffer"]) for p in ps]
+        mu = group["momentum"]
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        if group.get("nesterov", False):
+            return torch._foreach_lerp(grads, bufs, mu)
+        return bufs
+
+    def _step_matrices(self, groups: list[dict[str, Any]]) -> None:
+        per_group = []
+        buckets: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        mats: list[list[Tensor]] = []
+        for gi, group in enumerate(groups):
+            ps = [p for p in group["params"] if p.grad is not None]
+            for p in ps:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_matrix_state(p, state, group)
+            u = self._ns_inputs(group, ps) if ps else []
+            metas = [self._meta(p) for p in ps]
+            views = [x.reshape(x.shape[0], m.cols) for x, m in zip(u, metas)]
+            per_group.append((group, ps, metas))
+            mats.append(views)
+            key = repr((group["ns_steps"], group["ns_coefficients"], group.get("ns_eps", 1e-7)))
+            buckets[key].extend((gi, j) for j in range(len(ps)))
+        outs: list[list[Tensor]] = [[None] * len(v) for v in mats]  # type: ignore[list-item]
+        for key, members in buckets.items():
+            if not members:
+                continue
+            g0 = groups[members[0][0]]
+            steps, coeffs, eps = g0["ns_steps"], g0["ns_coefficients"], g0.get("ns_eps", 1e-7)
+
+            def ns_fn(x: Tensor, steps=steps, coeffs=coeffs, eps=eps) -> Tensor:
+                return newton_schulz(x, steps, coeffs, eps)
+
+            res = orthogonalize([mats[gi][j] for gi, j in members],
+                                [per_group[gi][2][j] for gi, j in members], ns_fn)
+            for (gi, j), r in zip(members, res):
+                outs[gi][j] = r
+        for (group, ps, metas), o in zip(per_group, outs):
+            if ps:
+                self._apply_matrix_update(group, ps, o, metas)
+
+    def _apply_matrix_update(self, group: dict[str, Any], ps: list[Tensor], ortho: list[Tensor],
+                             metas: list[MatrixMeta]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _to_param(ortho: list[Tensor], pl: list[Tensor]) -> list[Tensor]:
+        """NS results (bf16 ``local_rows × cols``) as fresh tensors in each local parameter's dtype and shape."""
+        return [o.to(dtype=x.dtype, copy=True).view(x.shape) for o, x in zip(ortho, pl)]
+
+    # -- internal AdamW -------------------------------------------------------------------------------------
+
+    def _step_other(self, group: dict[str, Any]) -> None:
+        ps = [p for p in group["params"] if p.grad is not None]
+        if not ps:
+            return
+        for p in ps:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        pl = [local(p) for p in ps]
+        gl = [local(p.grad) for p in ps]
+        m = [local(self.state[p]["exp_avg"]) for p in ps]
+        v = [local(self.state[p]["exp_avg_sq"]) for p in ps]
+        steps = [self.state[p]["step"] for p in ps]
+        fused = _fused_ok(pl)
+        beta1, beta2 = group["betas"]
+        _adamw_functional(pl, gl, m, v, [], steps, foreach=None if fused else True, fused=fused or None,
+                          amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+def split_names(groups: Iterable[dict[str, Any]]) -> list[str]:
+    return [g.get("name", str(i)) for i, g in enumerate(groups)]

@@ -1,0 +1,273 @@
+"""Orthogonalising many matrices once each, on one process, across DDP replicas, or across FSDP2 shards.
+
+Every matrix optimizer hands :func:`orthogonalize` its momentum updates as *local* 2-D tensors (a DTensor's
+local shard, viewed ``(local_rows, cols)``) with a :class:`MatrixMeta` saying how the parameter is laid out:
+
+``local``       plain tensor, single process (or ``distributed=False``): batch by shape, run Newton–Schulz.
+``replicated``  plain tensor (or a ``Replicate`` DTensor) on ``world > 1`` ranks, e.g. DDP: every rank holds the
+                same update. Each matrix gets an *owner* rank (greedy balance of Newton–Schulz flops, largest
+                first, the same on every rank); owners orthogonalise their share batched by shape, and a single
+                ``all_gather_into_tensor`` of the packed bf16 results gives every rank every result.
+``sharded``     FSDP2 ``DTensor`` with ``Shard(0)`` on a 1-D mesh: each rank holds a block of rows. One
+                ``all_to_all_single`` sends every row block to the matrix's owner, the owner assembles the full
+                matrix, orthogonalises it (batched by shape), and a second ``all_to_all_single`` sends each rank
+                its rows of the result. Each matrix is orthogonalised exactly once across the ranks, and no
+                collective runs inside the Newton–Schulz iterations.
+
+Payloads travel as bf16 (the kernel casts to bf16 first, so this loses nothing) reinterpreted as int16 so
+any backend (gloo included) moves them. Results are bf16, shaped like the local input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_optim.optim.newton_schulz import ns_flops
+
+__all__ = ["MatrixMeta", "matrix_meta", "orthogonalize", "global_sq_norms", "local", "CommCounter", "shard_rows"]
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover
+    from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor that holds ``t``'s data on this rank (a DTensor's local shard, else ``t``)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+@dataclass(frozen=True)
+class MatrixMeta:
+    """How one matrix parameter is laid out: global 2-D view ``rows × cols`` and the distribution kind."""
+
+    rows: int
+    cols: int
+    kind: str  # "local" | "replicated" | "sharded"
+    group: Any = None  # the process group that shares it (None: default group)
+    world: int = 1
+    rank: int = 0
+
+    def shard_sizes(self) -> list[int]:
+        return shard_rows(self.rows, self.world)
+
+
+def shard_rows(rows: int, world: int) -> list[int]:
+    """Rows per rank under ``Shard(0)`` (``torch.chunk`` semantics, as DTensor and FSDP2 use)."""
+    chunk = -(-rows // world) if world else rows
+    return [max(0, min(rows, (r + 1) * chunk) - r * chunk) for r in range(world)]
+
+
+def matrix_meta(p: Tensor, name: str, distributed: bool | None = None) -> MatrixMeta:
+    """The layout of parameter ``p`` (named ``name`` in errors). Raises ``ValueError`` for what cannot be handled."""
+    if p.ndim < 2:
+        raise ValueError(f"parameter {name!r} with shape {tuple(p.shape)} is routed to the matrix rule but has fewer "
+                         "than 2 dimensions; route it to AdamW (group 'matrix': False)")
+    if p.is_complex():
+        raise ValueError(f"parameter {name!r} is complex; the matrix rule supports real parameters only")
+    if p.numel() == 0:
+        raise ValueError(f"parameter {name!r} is empty (shape {tuple(p.shape)})")
+    rows, cols = int(p.shape[0]), int(math.prod(p.shape[1:]))
+    if isinstance(p, DTensor):
+        mesh = p.device_mesh
+        placements = tuple(p.placements)
+        if mesh.ndim != 1:
+            raise ValueError(
+                f"parameter {name!r} is a DTensor on a {mesh.ndim}-D device mesh {placements}; the matrix rule "
+                "handles 1-D meshes (FSDP2 Shard(0) or Replicate). Use a 1-D fully_shard mesh or route it to AdamW."
+            )
+        pl = placements[0]
+        pg = mesh.get_group()
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        if isinstance(pl, Replicate):
+            return MatrixMeta(rows, cols, "replicated" if world > 1 else "local", pg, world, rank)
+        if isinstance(pl, Shard) and pl.dim == 0:
+            if world == 1:
+                return MatrixMeta(rows, cols, "local", pg, 1, 0)
+            expected = shard_rows(rows, world)[rank]
+            if p._local_tensor.shape[0] != expected:
+                raise ValueError(f"parameter {name!r}: local shard has {p._local_tensor.shape[0]} rows, expected "
+                                 f"{expected} (torch.chunk layout); uneven custom sharding is not supported")
+            return MatrixMeta(rows, cols, "sharded", pg, world, rank)
+        raise ValueError(f"parameter {name!r} is a DTensor with placement {pl}; the matrix rule supports Shard(0) "
+                         "(FSDP2) and Replicate. Route it to AdamW or reshard it.")
+    if distributed is not False and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return MatrixMeta(rows, cols, "replicated", None, dist.get_world_size(), dist.get_rank())
+    return MatrixMeta(rows, cols, "local")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class CommCounter:
+    """Counts collectives and Newton–Schulz launches this module issues (read by benchmarks/comm_count.py)."""
+
+    collectives: dict[str, int] = defaultdict(int)
+    ns_calls = 0
+    ns_matrices = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.collectives = defaultdict(int)
+        cls.ns_calls = 0
+        cls.ns_matrices = 0
+
+
+NSFn = Callable[[Tensor], Tensor]
+
+
+def batched_ns(mats: Sequence[Tensor], ns_fn: NSFn) -> list[Tensor]:
+    """Newton–Schulz of each matrix, one batched call per distinct shape; results bf16, same order."""
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, m in enumerate(mats):
+        by_shape[tuple(m.shape)].append(i)
+    out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
+    for shape, idx in by_shape.items():
+        stack = torch.empty((len(idx), *shape), dtype=torch.bfloat16, device=mats[idx[0]].device)
+        torch._foreach_copy_(list(stack.unbind(0)), [mats[i] for i in idx])
+        res = ns_fn(stack)
+        CommCounter.ns_calls += 1
+        CommCounter.ns_matrices += len(idx)
+        for j, i in enumerate(idx):
+            out[i] = res[j]
+    return out
+
+
+def _owners(metas: Sequence[MatrixMeta], world: int) -> list[int]:
+    """Greedy longest-processing-time assignment of matrices to ranks; identical on every rank."""
+    order = sorted(range(len(metas)), key=lambda i: (-ns_flops(metas[i].rows, metas[i].cols), i))
+    load = [0] * world
+    owner = [0] * len(metas)
+    for i in order:
+        r = min(range(world), key=lambda k: (load[k], k))
+        owner[i] = r
+        load[r] += ns_flops(metas[i].rows, metas[i].cols)
+    return owner
+
+
+def _as_int16(t: Tensor) -> Tensor:
+    return t.view(torch.int16)
+
+
+def _replicated(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> list[Tensor]:
+    pg = metas[0].group
+    world, rank = metas[0].world, metas[0].rank
+    owner = _owners(metas, world)
+    mine = [i for i in range(len(mats)) if owner[i] == rank]
+    results = batched_ns([mats[i] for i in mine], ns_fn)
+    sizes = [0] * world
+    for i, o in enumerate(owner):
+        sizes[o] += metas[i].rows * metas[i].cols
+    width = max(sizes)
+    device = mats[0].device
+    send = torch.empty(width, dtype=torch.bfloat16, device=device)
+    if results:
+        torch.cat([r.reshape(-1) for r in results], out=send[: sizes[rank]])
+    recv = torch.empty(world * width, dtype=torch.bfloat16, device=device)
+    dist.all_gather_into_tensor(_as_int16(recv), _as_int16(send), group=pg)
+    CommCounter.collectives["all_gather_into_tensor"] += 1
+    out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
+    offsets = [r * width for r in range(world)]
+    for i, o in enumerate(owner):
+        n = metas[i].rows * metas[i].cols
+        out[i] = recv[offsets[o]: offsets[o] + n].view(metas[i].rows, metas[i].cols)
+        offsets[o] += n
+    return out
+
+
+def _sharded(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> list[Tensor]:
+    pg = metas[0].group
+    world, rank = metas[0].world, metas[0].rank
+    device = mats[0].device
+    owner = _owners(metas, world)
+    shards = [m.shard_sizes() for m in metas]
+    n = len(mats)
+    # 1) every rank sends its row block of matrix i to owner[i] (ordered by destination, then by i)
+    send_idx = [[i for i in range(n) if owner[i] == d] for d in range(world)]
+    in_splits = [sum(shards[i][rank] * metas[i].cols for i in send_idx[d]) for d in range(world)]
+    mine = send_idx[rank]
+    out_splits = [sum(shards[i][s] * metas[i].cols for i in mine) for s in range(world)]
+    send = torch.empty(sum(in_splits), dtype=torch.bfloat16, device=device)
+    pieces = [mats[i].reshape(-1) for d in range(world) for i in send_idx[d] if mats[i].numel()]
+    if pieces:
+        torch.cat(pieces, out=send)
+    recv = torch.empty(sum(out_splits), dtype=torch.bfloat16, device=device)
+    dist.all_to_all_single(_as_int16(recv), _as_int16(send), out_splits, in_splits, group=pg)
+    CommCounter.collectives["all_to_all_single"] += 1
+    # 2) owners assemble full matrices (rows in rank order) and orthogonalise them, batched by shape
+    blocks: dict[int, list[Tensor]] = {i: [] for i in mine}
+    off = 0
+    for s in range(world):
+        for i in mine:
+            k = shards[i][s] * metas[i].cols
+            blocks[i].append(recv[off: off + k].view(shards[i][s], metas[i].cols))
+            off += k
+    full = [torch.cat(blocks[i], dim=0) for i in mine]
+    results = batched_ns(full, ns_fn)
+    # 3) send every rank its rows of each result (mirror of step 1)
+    back_pieces = []
+    for d in range(world):
+        for j, i in enumerate(mine):
+            start = sum(shards[i][:d])
+            if shards[i][d]:
+                back_pieces.append(results[j][start: start + shards[i][d]].reshape(-1))
+    send2 = torch.empty(sum(out_splits), dtype=torch.bfloat16, device=device)
+    if back_pieces:
+        torch.cat(back_pieces, out=send2)
+    recv2 = torch.empty(sum(in_splits), dtype=torch.bfloat16, device=device)
+    dist.all_to_all_single(_as_int16(recv2), _as_int16(send2), in_splits, out_splits, group=pg)
+    CommCounter.collectives["all_to_all_single"] += 1
+    out: list[Tensor] = [None] * n  # type: ignore[list-item]
+    off = 0
+    for d in range(world):
+        for i in send_idx[d]:
+            k = shards[i][rank] * metas[i].cols
+            out[i] = recv2[off: off + k].view(shards[i][rank], metas[i].cols)
+            off += k
+    return out
+
+
+def orthogonalize(mats: Sequence[Tensor], metas: Sequence[MatrixMeta], ns_fn: NSFn) -> list[Tensor]:
+    """Newton–Schulz of every matrix (local 2-D views), each computed once across ranks; bf16 local results."""
+    out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
+    buckets: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, m in enumerate(metas):
+        buckets[(m.kind, id(m.group))].append(i)
+    for (kind, _), idx in buckets.items():
+        sub_m = [mats[i] for i in idx]
+        sub_meta = [metas[i] for i in idx]
+        if kind == "local":
+            res = batched_ns(sub_m, ns_fn)
+        elif kind == "replicated":
+            res = _replicated(sub_m, sub_meta, ns_fn)
+        else:
+            res = _sharded(sub_m, sub_meta, ns_fn)
+        for j, i in enumerate(idx):
+            out[i] = res[j]
+    return out
+
+
+def global_sq_norms(tensors: Sequence[Tensor], metas: Sequence[MatrixMeta]) -> list[Tensor]:
+    """‖t‖²_F of each full matrix from local pieces: one all-reduce per process group of sharded matrices."""
+    if not tensors:
+        return []
+    sq = torch.stack([t.float().square().sum() for t in tensors])
+    sharded = defaultdict(list)
+    for i, m in enumerate(metas):
+        if m.kind == "sharded":
+            sharded[id(m.group)].append(i)
+    if sharded:
+        sq = sq.clone()
+        for idx in sharded.values():
+            part = sq[idx].contiguous()
+            dist.all_reduce(part, group=metas[idx[0]].group)
+            CommCounter.collectives["all_reduce"] += 1
+            sq[idx] = part
+    return list(sq.unbind(0))

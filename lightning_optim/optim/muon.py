@@ -1,0 +1,133 @@
+"""Muon and D-Muon: momentum orthogonalised by Newton–Schulz for hidden matrices, AdamW for the rest.
+
+Muon (Jordan et al. 2024, kellerjordan.github.io/posts/muon; torch.optim.Muon)::
+
+    buf = μ·buf + (1-μ)·g
+    u   = (1-μ)·g + μ·buf          (nesterov)   else   buf
+    O   = NS(u)                    (bf16, batched over same-shape matrices, once across ranks)
+    p  *= 1 - lr·wd
+    p  -= lr·s·O,   s = sqrt(max(1, rows/cols))        adjust_lr="original"
+                    s = 0.2·sqrt(max(rows, cols))      adjust_lr="match_rms_adamw" (Moonlight)
+                    s = 1                              adjust_lr="none"
+
+D-Muon (Liu et al. 2025, "Muon is Scalable for LLM Training", arXiv 2502.16982) is Muon with decoupled
+weight decay on the matrices and the ``match_rms_adamw`` scale, so one lr and one weight decay serve both
+the matrices and the AdamW part.
+
+Defaults are the best 124M settings of Semenov et al. 2025 (arXiv 2509.01440): Muon — matrices lr 0.01 without
+weight decay, AdamW part lr 1e-3, betas (0.8, 0.999), weight decay 0.1 (applied to the decayable non-matrix
+parameters, i.e. an untied output head); D-Muon — lr 1e-3 and weight decay 0.1 for both parts, betas (0.8, 0.999).
+Both: momentum 0.95, Nesterov, 5 Newton–Schulz steps with Keller Jordan's coefficients
+(``ns_coefficients="polar_express"`` for Amsel et al.'s per-iteration table).
+
+Usage::
+
+    opt = create_optimizer("muon", model)                       # routing by the default grouping rules
+    opt = create_optimizer("d-muon", model, lr=2e-3, weight_decay=0.1)
+    opt.routing_table()                                          # which parameter went where
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_optim.optim._hybrid import ADAMW_ROUTING, HybridMatrixOptimizer
+from lightning_optim.optim._matrix_dist import MatrixMeta, local
+from lightning_optim.registry import StateLayout, register_optimizer
+
+__all__ = ["Muon", "muon_scale"]
+
+_ADJUST = ("original", "match_rms_adamw", "none")
+
+
+def muon_scale(adjust_lr: str | None, rows: int, cols: int) -> float:
+    """The lr multiplier ``s`` for a ``rows × cols`` matrix under ``adjust_lr``."""
+    if adjust_lr in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr == "none":
+        return 1.0
+    raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {adjust_lr!r}")
+
+
+class Muon(HybridMatrixOptimizer):
+    """Muon / D-Muon in one optimizer object (see the module docstring for the math and defaults).
+
+    Args:
+        params: parameters or groups; groups with ``"matrix": False`` (or 1-D parameters of unflagged groups)
+            use the internal AdamW.
+        lr, weight_decay: matrix rule (decoupled weight decay ``p *= 1 - lr·wd``).
+        momentum, nesterov: momentum μ (EMA form) and Nesterov look-ahead.
+        ns_steps, ns_coefficients: Newton–Schulz iterations and coefficients (``"jordan"``, ``"polar_express"``,
+            a triple or a list of triples).
+        adjust_lr: ``"original"`` | ``"match_rms_adamw"`` | ``"none"``.
+        eps: Newton–Schulz normalisation epsilon (1e-7).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part (``None``: the matrix value).
+        distributed: ``None`` auto, ``False`` disables sharing Newton–Schulz work between DDP replicas.
+    """
+
+    def __init__(self, params: Any, lr: float = 0.01, weight_decay: float = 0.0, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, ns_coefficients: Any = "jordan",
+                 adjust_lr: str | None = "original", eps: float = 1e-7, adamw_lr: float | None = 1e-3,
+                 adamw_betas: tuple[float, float] = (0.8, 0.999), adamw_eps: float = 1e-8,
+                 adamw_weight_decay: float | None = 0.1, distributed: bool | None = None) -> None:
+        if adjust_lr is not None and adjust_lr not in _ADJUST:
+            raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {adjust_lr!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        ns_coefficients=ns_coefficients, adjust_lr=adjust_lr or "original", ns_eps=eps, eps=eps)
+        super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                         adamw_weight_decay=adamw_weight_decay, distributed=distributed)
+
+    def _apply_matrix_update(self, group: dict[str, Any], ps: list[Tensor], ortho: list[Tensor],
+                             metas: list[MatrixMeta]) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        pl = [local(p) for p in ps]
+        upd = self._to_param(ortho, pl)
+        if wd:
+            torch._foreach_mul_(pl, 1.0 - lr * wd)
+        torch._foreach_mul_(upd, [-lr * muon_scale(group["adjust_lr"], m.rows, m.cols) for m in metas])
+        torch._foreach_add_(pl, upd)
+
+
+_COMMON = dict(
+    family="matrix",
+    hybrid=True,
+    state=StateLayout(1, names=("momentum_buffer",)),
+    other_state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
+    routing=ADAMW_ROUTING,
+    reference="torch.optim.Muon (torch/optim/_muon.py); github.com/KellerJordan/Muon",
+)
+
+
+@register_optimizer(
+    "muon",
+    defaults={"lr": 0.01, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
+              "ns_coefficients": "jordan", "adjust_lr": "original", "eps": 1e-7, "adamw_lr": 1e-3,
+              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": 0.1, "distributed": None},
+    paper="Jordan et al. 2024, Muon: An optimizer for hidden layers in neural networks",
+    description="momentum orthogonalised by Newton–Schulz for hidden matrices; AdamW (own lr/betas) for the rest",
+    **_COMMON,
+)
+def muon(params: Any, **hp: Any) -> Muon:
+    return Muon(params, **hp)
+
+
+@register_optimizer(
+    "d-muon",
+    defaults={"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
+              "ns_coefficients": "jordan", "adjust_lr": "match_rms_adamw", "eps": 1e-7, "adamw_lr": None,
+              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": None, "distributed": None},
+    paper="Liu et al. 2025, Muon is Scalable for LLM Training (arXiv 2502.16982)",
+    description="Muon with decoupled weight decay and the 0.2·sqrt(max(rows, cols)) scale: AdamW's lr/wd carry over",
+    aliases=("dmuon", "moonlight-muon"),
+    **_COMMON,
+)
+def d_muon(params: Any, **hp: Any) -> Muon:
+    return Muon(params, **hp)

@@ -1,0 +1,118 @@
+"""NorMuon: Muon followed by a per-row (neuron-wise) second-moment normalisation.
+
+Li et al. 2025, "NorMuon: Making Muon more efficient and scalable" (arXiv 2510.05491;
+github.com/zichongli5/NorMuon)::
+
+    buf = μ·buf + (1-μ)·g;   u = (1-μ)·g + μ·buf (nesterov) else buf
+    O   = NS(u)                                      (rows × cols view, bf16 kernel, fp32 afterwards)
+    v   = β2·v + (1-β2)·mean(O², dim=-1)             (state: rows × 1)
+    Ô   = O / (sqrt(v) + eps)
+    adjust_lr="paper":    Ô ← Ô · 0.2·sqrt(rows·cols) / ‖Ô‖_F                    (update RMS 0.2, AdamW-like)
+    adjust_lr="official": Ô ← Ô · ‖O‖_F / ‖Ô‖_F · sqrt(max(1, rows/cols))        (the official code)
+    p  *= 1 - lr·wd;   p -= lr·Ô
+
+Under FSDP2 the row moment lives with the row shard (a ``rows × 1`` DTensor sharded like the parameter) and the
+two Frobenius norms are completed with one all-reduce per step for all sharded matrices together.
+
+Defaults: μ 0.95 (Nesterov), β2 0.95, eps 1e-10, 5 Newton–Schulz steps; lr 1e-3 and weight decay 0.1 for both
+parts, since the "paper" scale gives the update AdamW's RMS (as D-Muon does); AdamW part betas (0.8, 0.999).
+These lr/wd values are our choice, not a published 124M tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_optim.optim._hybrid import ADAMW_ROUTING, HybridMatrixOptimizer, state_like_rows
+from lightning_optim.optim._matrix_dist import MatrixMeta, global_sq_norms, local
+from lightning_optim.registry import StateLayout, register_optimizer
+
+__all__ = ["NorMuon", "row_normalize"]
+
+_ADJUST = ("paper", "official")
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    """+ rows (per-row second moment)"""
+    return int(shape[0]) if shape else 1
+
+
+def row_normalize(O: list[Tensor], v: list[Tensor], beta2: float, eps: float) -> list[Tensor]:
+    """``v ← β2·v + (1-β2)·mean(O², -1)`` in place; returns ``O / (sqrt(v)+eps)`` (O are fp32 ``rows × cols``)."""
+    mean_sq = [o.square().mean(dim=-1, keepdim=True) if o.shape[0] else torch.zeros_like(vv)
+               for o, vv in zip(O, v)]
+    torch._foreach_lerp_(v, mean_sq, 1.0 - beta2)
+    den = torch._foreach_sqrt(v)
+    torch._foreach_add_(den, eps)
+    return [o / d for o, d in zip(O, den)]
+
+
+def normuon_scales(O: list[Tensor], Oh: list[Tensor], metas: list[MatrixMeta], adjust_lr: str) -> list[Tensor]:
+    """The per-matrix factor multiplying Ô (0-d tensors; no host sync). Global norms under sharding."""
+    if adjust_lr == "paper":
+        sq = global_sq_norms(Oh, metas)
+        return [0.2 * math.sqrt(m.rows * m.cols) / s.sqrt().clamp_min(1e-30) for s, m in zip(sq, metas)]
+    if adjust_lr == "official":
+        sq = global_sq_norms(list(O) + list(Oh), list(metas) + list(metas))
+        n = len(O)
+        return [(sq[i].sqrt() / sq[n + i].sqrt().clamp_min(1e-10)) * math.sqrt(max(1.0, m.rows / m.cols))
+                for i, m in enumerate(metas)]
+    raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {adjust_lr!r}")
+
+
+class NorMuon(HybridMatrixOptimizer):
+    """NorMuon (see the module docstring). Arguments as :class:`~lightning_optim.optim.muon.Muon`, plus
+    ``beta2`` (row second moment), ``eps`` (added to sqrt(v)) and ``adjust_lr`` = ``"paper"`` | ``"official"``."""
+
+    matrix_state_names = ("momentum_buffer", "v")
+
+    def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, beta2: float = 0.95, eps: float = 1e-10, ns_steps: int = 5,
+                 ns_coefficients: Any = "jordan", adjust_lr: str = "paper", adamw_lr: float | None = None,
+                 adamw_betas: tuple[float, float] = (0.8, 0.999), adamw_eps: float = 1e-8,
+                 adamw_weight_decay: float | None = None, distributed: bool | None = None) -> None:
+        if adjust_lr not in _ADJUST:
+            raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {adjust_lr!r}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, beta2=beta2,
+                        eps=eps, ns_steps=ns_steps, ns_coefficients=ns_coefficients, adjust_lr=adjust_lr)
+        super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                         adamw_weight_decay=adamw_weight_decay, distributed=distributed)
+
+    def _init_matrix_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        super()._init_matrix_state(p, state, group)
+        state["v"] = state_like_rows(p)
+
+    def _apply_matrix_update(self, group: dict[str, Any], ps: list[Tensor], ortho: list[Tensor],
+                             metas: list[MatrixMeta]) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        pl = [local(p) for p in ps]
+        O = [o.float() for o in ortho]
+        v = [local(self.state[p]["v"]) for p in ps]
+        Oh = row_normalize(O, v, group["beta2"], group["eps"])
+        scales = normuon_scales(O, Oh, metas, group["adjust_lr"])
+        if wd:
+            torch._foreach_mul_(pl, 1.0 - lr * wd)
+        for x, o, s in zip(pl, Oh, scales):
+            x.add_((o * (s * -lr)).view(x.shape).to(x.dtype))
+
+
+@register_optimizer(
+    "normuon",
+    defaults={"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "beta2": 0.95, "eps": 1e-10,
+              "ns_steps": 5, "ns_coefficients": "jordan", "adjust_lr": "paper", "adamw_lr": None,
+              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": None, "distributed": None},
+    family="matrix",
+    hybrid=True,
+    state=StateLayout(1, extra=_rows, names=("momentum_buffer",)),
+    other_state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
+    routing=ADAMW_ROUTING,
+    paper="Li et al. 2025, NorMuon: Making Muon more efficient and scalable (arXiv 2510.05491)",
+    reference="github.com/zichongli5/NorMuon",
+    description="Muon + per-row second-moment normalisation of the orthogonalised update (RMS 0.2 by default)",
+)
+def normuon(params: Any, **hp: Any) -> NorMuon:
+    return NorMuon(params, **hp)

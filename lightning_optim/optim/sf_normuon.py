@@ -1,0 +1,192 @@
+"""SF-NorMuon: schedule-free iterates around NorMuon (no LR schedule; average ``x`` is the model to evaluate).
+
+Apte et al. 2026, "Anytime Training with Schedule-Free Spectral Optimization" (arXiv 2605.23061). The parameter
+holds ``y`` in train mode and ``x`` in eval mode (``optimizer.train()`` / ``optimizer.eval()``, switched in a
+Lightning run by :class:`~lightning_optim.callbacks.schedule_free.ScheduleFreeSwitch`); ``z`` is the fast iterate::
+
+    (gradient g evaluated at y = (1-β1)·z + β1·x)
+    m  = μ·m + (1-μ)·g;           P = NS(m)                       (no Nesterov look-ahead)
+    v  = β2·v + (1-β2)·mean(P², -1);   P̂ = P / (sqrt(v) + eps)    (per row, as NorMuon)
+    lr_t = lr·min(1, t/warmup_steps)
+    z -= lr_t·wd·z + lr_t·0.2·sqrt(rows·cols)/‖P̂‖_F · P̂           (weight decay at z)
+    c = w_t / Σ w_i,  w_t = t^r · lr_max^weight_lr_power  (lr_max = max lr_t so far; r 0, power 2)
+    x = (1-c)·x + c·z
+
+``x`` is not stored: like facebookresearch/schedule_free, the step updates ``y`` directly
+(``y ← lerp(y, z, c) + lr_t·(β1(1-c)-1)·u``, ``z ← z - lr_t·u``) and ``eval()`` maps ``y → x``. Non-matrix
+parameters use SF-AdamW with the weight decay at ``z`` (``u = g/(sqrt(v/bc2)+eps) + wd·z``) and their own
+``adamw_lr``/``adamw_betas``/``adamw_eps``/``adamw_weight_decay``. State: z and m per matrix (2×P) plus the
+rows of v; z and v for the rest.
+
+Defaults (reported for the paper; confirm on your runs): β1 0.9, β2 0.95, μ 0.8, weight decay 0.05; lr 1e-3
+and warmup 2000 steps (the SF-AdamW benchmark setting); AdamW part betas (0.9, 0.9999) as SF-AdamW's bench.
+The per-group step count, ``lr_max``, ``weight_sum`` and ``train_mode`` are group keys present from construction,
+so checkpoints (torch.save and torch.distributed.checkpoint) restore them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_optim.optim._hybrid import ADAMW_ROUTING, HybridMatrixOptimizer, state_like_rows
+from lightning_optim.optim._matrix_dist import MatrixMeta, local
+from lightning_optim.optim.normuon import normuon_scales, row_normalize
+from lightning_optim.registry import StateLayout, register_optimizer
+
+__all__ = ["SFNorMuon"]
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    """+ rows (per-row second moment)"""
+    return int(shape[0]) if shape else 1
+
+
+def _interpolation(group: dict[str, Any]) -> tuple[float, float]:
+    """Advance the group's schedule-free clock: returns ``(lr_t, c)`` and updates k, lr_max, weight_sum."""
+    k = group["k"]
+    warmup = group["warmup_steps"]
+    lr_t = group["lr"] * (min(1.0, (k + 1) / warmup) if warmup and warmup > 0 else 1.0)
+    lr_max = group["lr_max"] = max(lr_t, group["lr_max"])
+    weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
+    weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+    c = weight / weight_sum if weight_sum > 0 else 0.0
+    group["k"] = k + 1
+    group["scheduled_lr"] = lr_t
+    return lr_t, c
+
+
+class SFNorMuon(HybridMatrixOptimizer):
+    """SF-NorMuon (see the module docstring). Call ``train()`` before steps and ``eval()`` before evaluating
+    or saving; ``step()`` in eval mode raises."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 momentum: float = 0.8, weight_decay: float = 0.05, eps: float = 1e-10, warmup_steps: int = 2000,
+                 r: float = 0.0, weight_lr_power: float = 2.0, ns_steps: int = 5, ns_coefficients: Any = "jordan",
+                 adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.9999),
+                 adamw_eps: float = 1e-8, adamw_weight_decay: float | None = None,
+                 distributed: bool | None = None) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), momentum=momentum, weight_decay=weight_decay, eps=eps,
+                        warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, ns_steps=ns_steps,
+                        ns_coefficients=ns_coefficients, k=0, lr_max=0.0, weight_sum=0.0, train_mode=True,
+                        scheduled_lr=0.0)
+        super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                         adamw_weight_decay=adamw_weight_decay, distributed=distributed)
+
+    # -- train / eval ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Parameters ← x (the average iterate)."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                beta1 = group["betas"][0]
+                for p in group["params"]:
+                    z = self.state[p].get("z")
+                    if z is not None:
+                        local(p).lerp_(local(z), 1.0 - 1.0 / beta1)
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Parameters ← y (where gradients are taken)."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                beta1 = group["betas"][0]
+                for p in group["params"]:
+                    z = self.state[p].get("z")
+                    if z is not None:
+                        local(p).lerp_(local(z), 1.0 - beta1)
+                group["train_mode"] = True
+
+    def _check_mode(self) -> None:
+        if not all(g["train_mode"] for g in self.param_groups):
+            raise RuntimeError("SF-NorMuon stepped in eval mode: call optimizer.train() before training steps "
+                               "(ScheduleFreeSwitch does this in a Lightning run)")
+
+    # -- matrices ------------------------------------------------------------------------------------------
+
+    def _init_matrix_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        state["z"] = p.detach().clone(memory_format=torch.preserve_format)
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["v"] = state_like_rows(p)
+
+    def _ns_inputs(self, group: dict[str, Any], ps: list[Tensor]) -> list[Tensor]:
+        grads = [local(p.grad) for p in ps]
+        bufs = [local(self.state[p]["momentum_buffer"]) for p in ps]
+        torch._foreach_lerp_(bufs, grads, 1.0 - group["momentum"])
+        return bufs
+
+    def _apply_matrix_update(self, group: dict[str, Any], ps: list[Tensor], ortho: list[Tensor],
+                             metas: list[MatrixMeta]) -> None:
+        lr_t, c = _interpolation(group)
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+        y = [local(p) for p in ps]
+        z = [local(self.state[p]["z"]) for p in ps]
+        v = [local(self.state[p]["v"]) for p in ps]
+        P = [o.float() for o in ortho]
+        Ph = row_normalize(P, v, beta2, group["eps"])
+        scales = normuon_scales(P, Ph, metas, "paper")
+        u = [(o * s).view(x.shape).to(x.dtype) for o, s, x in zip(Ph, scales, y)]
+        if wd:
+            torch._foreach_add_(u, z, alpha=wd)
+        torch._foreach_lerp_(y, z, c)
+        torch._foreach_add_(y, u, alpha=lr_t * (beta1 * (1.0 - c) - 1.0))
+        torch._foreach_add_(z, u, alpha=-lr_t)
+
+    # -- the rest: SF-AdamW with decay at z ---------------------------------------------------------------
+
+    def _step_other(self, group: dict[str, Any]) -> None:
+        ps = [p for p in group["params"] if p.grad is not None]
+        if not ps:
+            return
+        for p in ps:
+            state = self.state[p]
+            if not state:
+                state["z"] = p.detach().clone(memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        k = group["k"]
+        lr_t, c = _interpolation(group)
+        beta1, beta2 = group["betas"]
+        bc2 = 1.0 - beta2 ** (k + 1)
+        y = [local(p) for p in ps]
+        g = [local(p.grad) for p in ps]
+        z = [local(self.state[p]["z"]) for p in ps]
+        v = [local(self.state[p]["exp_avg_sq"]) for p in ps]
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+        den = torch._foreach_div(v, bc2)
+        torch._foreach_sqrt_(den)
+        torch._foreach_add_(den, group["eps"])
+        u = torch._foreach_div(g, den)
+        if group["weight_decay"]:
+            torch._foreach_add_(u, z, alpha=group["weight_decay"])
+        torch._foreach_lerp_(y, z, c)
+        torch._foreach_add_(y, u, alpha=lr_t * (beta1 * (1.0 - c) - 1.0))
+        torch._foreach_add_(z, u, alpha=-lr_t)
+
+
+@register_optimizer(
+    "sf-normuon",
+    defaults={"lr": 1e-3, "betas": (0.9, 0.95), "momentum": 0.8, "weight_decay": 0.05, "eps": 1e-10,
+              "warmup_steps": 2000, "r": 0.0, "weight_lr_power": 2.0, "ns_steps": 5, "ns_coefficients": "jordan",
+              "adamw_lr": None, "adamw_betas": (0.9, 0.9999), "adamw_eps": 1e-8, "adamw_weight_decay": None,
+              "distributed": None},
+    family="matrix",
+    hybrid=True,
+    state=StateLayout(2, extra=_rows, names=("z", "momentum_buffer")),
+    other_state=StateLayout(2, names=("z", "exp_avg_sq")),
+    routing=ADAMW_ROUTING.replace("internal AdamW", "internal schedule-free AdamW (decay at z)"),
+    paper="Apte et al. 2026, Anytime Training with Schedule-Free Spectral Optimization (arXiv 2605.23061)",
+    reference="facebookresearch/schedule_free (SF iterates); github.com/zichongli5/NorMuon (row normalisation)",
+    description="schedule-free NorMuon: no LR schedule, optimizer.train()/eval() switch y ↔ x",
+    aliases=("sfnormuon", "schedule-free-normuon"),
+    schedule_free=True,
+    callbacks=("lightning_optim.callbacks.schedule_free:ScheduleFreeSwitch",),
+)
+def sf_normuon(params: Any, **hp: Any) -> SFNorMuon:
+    return SFNorMuon(params, **hp)
