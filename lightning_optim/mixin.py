@@ -157,6 +157,11 @@ class OptimConfig:
         return cls(**flat)
 
 
+# Checkpoints store the hyperparameters, an OptimConfig among them; allow it under torch.load(weights_only=True)
+# (Lightning's and the user's), since it holds only plain data.
+torch.serialization.add_safe_globals([OptimConfig])
+
+
 def _known_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(OptimConfig)}
     return {k: v for k, v in dict(data).items() if k in names and not k.startswith("_")}

@@ -207,9 +207,9 @@ class ScheduledLR(LRScheduler):
     """Sets each group's lr to ``initial_lr · schedule(t)`` where ``t`` counts the optimizer steps taken.
 
     ``state_dict`` is plain data (the step, the peak lrs and the schedule's settings), so it loads with
-    ``torch.load(weights_only=True)``. ``load_state_dict`` restores the step and peak lrs and keeps the
-    schedule this object was built with (so a cooldown can be branched from a checkpoint); it warns when
-    the saved schedule differs.
+    ``torch.load(weights_only=True)``. ``load_state_dict`` restores the step and peak lrs, keeps the
+    schedule this object was built with (so a cooldown can be branched from a checkpoint; it warns when the
+    saved schedule differs) and sets each group's lr for the restored step — load the optimizer first.
     """
 
     def __init__(
@@ -273,7 +273,11 @@ class ScheduledLR(LRScheduler):
         self.last_epoch = int(state_dict["last_epoch"])
         self.base_lrs = list(state_dict["base_lrs"])
         self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
-        self._last_lr = list(state_dict.get("_last_lr") or self.get_lr())
+        # Re-apply the lr for the restored step under *this* schedule (the optimizer's saved lr came from the
+        # checkpoint's schedule; they agree on an exact resume and differ when a cooldown is branched).
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
 def _spec(cls: type[Schedule], description: str, **defaults: Any) -> SchedulerSpec:
