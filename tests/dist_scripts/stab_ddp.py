@@ -1,0 +1,51 @@
+"""2-process DDP run: a loss spike on rank 1 only (step 40) and a NaN gradient on rank 1 only (step 45).
+
+Both ranks must take the same decisions (skip both steps) and end with identical weights. Writes
+``rank{r}.json`` and ``weights{r}.pt`` under the output directory given as the first argument.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lightning_optim.callbacks import GradientClipping, LayerNormMonitor, LossSpikeDetector, NonFiniteGuard
+from tests.dist_scripts.stab_common import Probe, TinyLM, all_finite, loader, trainer
+
+torch.set_num_threads(1)
+warnings.simplefilter("ignore")
+
+
+def main(out: Path) -> None:
+    L.seed_everything(0)
+    model = TinyLM(inject=[{"kind": "loss", "step": 40, "rank": 1}, {"kind": "nan_grad", "step": 45, "rank": 1}])
+    detector = LossSpikeDetector(action="skip", window=16)
+    guard = NonFiniteGuard()
+    probe = Probe([40, 45])
+    callbacks = [detector, guard, GradientClipping(max_norm=1.0), LayerNormMonitor(every_n_steps=10), probe]
+    t = trainer(callbacks, 50, devices=2, strategy="ddp")
+    t.fit(model, loader(batch_size=8))
+    rank = t.global_rank
+
+    def unchanged(step: int) -> bool:
+        (w0, s0), (w1, s1) = probe.before[step], probe.after[step]
+        return all(torch.equal(w0[k], w1[k]) for k in w0) and all(torch.equal(s0[k], s1[k]) for k in s0)
+
+    result = {
+        "spikes": detector.spikes, "skipped": detector.skipped,
+        "spike_step": detector.events[0]["step"] if detector.events else None,
+        "nonfinite": guard.total,
+        "finite": all_finite(model.parameters()),
+        "unchanged_40": unchanged(40), "unchanged_45": unchanged(45),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / f"weights{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
