@@ -1,0 +1,409 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (``soap``).
+
+Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson & Kakade 2024, "SOAP: Improving and Stabilizing
+Shampoo using Adam" (arXiv 2409.11321); reference code nikhilvyas/SOAP (``soap.py``). Same algorithm and
+conventions as the reference, for a gradient ``g`` reshaped to its work shape (``merge_dims``) with one
+factor ``GG_i`` (d_i × d_i) and one orthogonal basis ``Q_i`` per dimension ``d_i <= max_precond_dim``
+(1-D parameters only with ``precondition_1d``)::
+
+    first step (only initialises, no update):  GG_i = (1-β_s)·g_(i)·g_(i)ᵀ;  Q_i = eigh(GG_i) (descending)
+    then, t = 1, 2, ...:
+        g' = project(g) = g ×_i Q_i                    (Q_Lᵀ·g·Q_R for a matrix)
+        m  = β1·m + (1-β1)·g';   v = β2·v + (1-β2)·g'²    (Adam moments in the rotated space)
+        u  = project_back(m / (sqrt(v) + eps))          (Q_L·(·)·Q_Rᵀ)
+        u /= RMS(u)                                     (only with normalize_grads)
+        p -= lr·sqrt(1-β2^t)/(1-β1^t) · u               (plain lr without correct_bias)
+        p -= lr·wd·p                                    (decoupled, after the update, as the reference)
+        GG_i = β_s·GG_i + (1-β_s)·g_(i)·g_(i)ᵀ           (g_(i): g with dim i first, the rest flattened)
+        every precondition_frequency steps (t % f == 0), one power iteration per factor:
+            λ̂ = diag(Q_iᵀ·GG_i·Q_i); sort descending (v is permuted along dim i the same way);
+            Q_i = qr(GG_i·Q_i[:, order]).Q;  m is rotated from the old basis into the new one.
+
+``β_s`` is ``shampoo_beta``; ``None`` (or a negative value, the reference's ``-1``) means ``betas[1]``.
+
+Efficiency (the reference loops over parameters and factors one at a time and rotates m back and forth on
+every step): the eigendecompositions and QR refreshes of all factors of the same size are done as one batched
+``torch.linalg.eigh`` / ``torch.linalg.qr`` call on a stack; the Adam moments, the parameter update and the
+weight decay are multi-tensor (``torch._foreach_*``) operations; m is rotated only on the steps whose basis
+changed (mathematically identical: the reference's back-and-forth rotation is the identity between refreshes);
+the factor EMA is one fused ``addmm``. No host synchronisation: the step counters are CPU scalars.
+
+State per parameter, tensors only (``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint``
+work): ``step``, ``exp_avg`` and ``exp_avg_sq`` (parameter shape, float32 for low-precision parameters),
+``GG{i}`` and ``Q{i}`` for each preconditioned dimension ``i`` of the work shape. FSDP2 ``DTensor``
+parameters: the gradient is gathered once per step and every rank keeps the full (replicated) state and
+computes the full update, of which it applies its own shard — correct and identical on every rank, but the
+state is not sharded.
+
+Defaults are the benchmark's (Semenov et al. 2025): lr 1e-3, betas (0.9, 0.999) [0.9999 for long runs],
+shampoo_beta = betas[1], eps 1e-8, weight decay 0.1, precondition_frequency 10, max_precond_dim 10000.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from lightning_optim.registry import StateLayout, register_optimizer
+
+__all__ = ["SOAP", "soap_work_shape"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _merge_dims(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
+    """The reference's ``merge_dims``: merge neighbouring dims while their product stays <= max_precond_dim."""
+    new_shape: list[int] = []
+    cur = 1
+    for sh in shape:
+        tmp = cur * sh
+        if tmp > max_precond_dim:
+            if cur > 1:
+                new_shape.append(cur)
+                cur = sh
+            else:
+                new_shape.append(sh)
+                cur = 1
+        else:
+            cur = tmp
+    if cur > 1 or not new_shape:
+        new_shape.append(cur)
+    return tuple(new_shape)
+
+
+def soap_work_shape(
+    shape: Iterable[int], max_precond_dim: int = 10000, merge_dims: bool = False, precondition_1d: bool = False
+) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """(work shape, which of its dims carry a preconditioner) for a parameter of ``shape``."""
+    shape = tuple(int(s) for s in shape) or (1,)
+    if len(shape) == 1:
+        return shape, (bool(precondition_1d) and shape[0] <= max_precond_dim,)
+    work = _merge_dims(shape, max_precond_dim) if merge_dims else shape
+    return work, tuple(d <= max_precond_dim for d in work)
+
+
+def _soap_extra(shape: tuple[int, ...]) -> int:
+    """2·Σ d_i² over preconditioned dims (GG_i and Q_i)"""
+    work, pre = soap_work_shape(shape)
+    return 2 * sum(d * d for d, flag in zip(work, pre) if flag)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels on one work-shaped tensor
+
+
+def _project(x: Tensor, qs: list[Tensor | None], back: bool) -> Tensor:
+    """``x ×_i Q_i`` (``back=False``) or ``x ×_i Q_iᵀ`` (``back=True``) over the dims that have a basis."""
+    if x.dim() == 2:
+        ql, qr = qs
+        if back:
+            if ql is not None:
+                x = ql @ x
+            if qr is not None:
+                x = x @ qr.T
+        else:
+            if ql is not None:
+                x = ql.T @ x
+            if qr is not None:
+                x = x @ qr
+        return x
+    for i, q in enumerate(qs):
+        if q is None:
+            continue
+        x = (x.movedim(i, -1) @ (q.T if back else q)).movedim(-1, i)
+    return x
+
+
+def _accumulate_factors(g: Tensor, ggs: list[Tensor | None], beta: float) -> None:
+    """``GG_i = β·GG_i + (1-β)·g_(i)·g_(i)ᵀ`` for every factor (one fused addmm each)."""
+    for i, gg in enumerate(ggs):
+        if gg is None:
+            continue
+        a = g if (g.dim() == 1 or i == 0) else g.movedim(i, 0)
+        a = a.reshape(a.shape[0], -1)
+        if g.dim() == 2 and i == 1:
+            gg.addmm_(g.T, g, beta=beta, alpha=1 - beta)
+        else:
+            gg.addmm_(a, a.T, beta=beta, alpha=1 - beta)
+
+
+def _batched_eigh(mats: list[Tensor]) -> list[Tensor]:
+    """Eigenvectors, descending eigenvalue order, of every matrix (one eigh per same-size stack)."""
+    out: list[Tensor | None] = [None] * len(mats)
+    for idx, stack in _stacks(mats):
+        eye = torch.eye(stack.shape[-1], device=stack.device, dtype=stack.dtype)
+        try:
+            q = torch.linalg.eigh(stack + 1e-30 * eye)[1]
+        except RuntimeError:  # the reference retries in double precision
+            q = torch.linalg.eigh(stack.double() + 1e-30 * eye.double())[1].to(stack.dtype)
+        q = torch.flip(q, [-1])
+        for k, j in enumerate(idx):
+            out[j] = q[k]
+    return out  # type: ignore[return-value]
+
+
+def _batched_power_qr(ggs: list[Tensor], qs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """One power iteration + QR per factor, columns re-sorted by the estimated eigenvalues (descending).
+
+    Returns the new bases and the sort orders (to permute ``exp_avg_sq`` the same way)."""
+    new_q: list[Tensor | None] = [None] * len(ggs)
+    orders: list[Tensor | None] = [None] * len(ggs)
+    for idx, gg in _stacks(ggs):
+        q = torch.stack([qs[j] for j in idx]) if len(idx) > 1 else qs[idx[0]].unsqueeze(0)
+        tmp = gg @ q
+        est = (q * tmp).sum(dim=-2)  # diag(Qᵀ·GG·Q)
+        order = torch.argsort(est, dim=-1, descending=True)
+        power = torch.gather(tmp, -1, order.unsqueeze(-2).expand_as(tmp))
+        qn = torch.linalg.qr(power)[0]
+        for k, j in enumerate(idx):
+            new_q[j] = qn[k]
+            orders[j] = order[k]
+    return new_q, orders  # type: ignore[return-value]
+
+
+def _stacks(mats: list[Tensor]):
+    """Group matrices by (size, dtype, device); yield (indices, stacked tensor)."""
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for j, m in enumerate(mats):
+        buckets[(m.shape[-1], m.dtype, m.device)].append(j)
+    for idx in buckets.values():
+        yield idx, (torch.stack([mats[j] for j in idx]) if len(idx) > 1 else mats[idx[0]].unsqueeze(0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DTensor (FSDP2) helpers
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local_slice(full: Tensor, p: Tensor) -> Tensor:
+    """The part of a full-shape tensor that ``p`` (a DTensor) holds on this rank."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+
+
+class SOAP(torch.optim.Optimizer):
+    """SOAP (see the module docstring for the math and the state layout).
+
+    Args:
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, applied after the update).
+        shampoo_beta: EMA factor of the Shampoo factors ``GG``; ``None``/negative → ``betas[1]``.
+        precondition_frequency: steps between power-iteration/QR refreshes of the bases.
+        max_precond_dim: dimensions larger than this get no preconditioner (identity basis).
+        merge_dims: merge neighbouring dims (convolutions) while their product is <= max_precond_dim.
+        precondition_1d: also precondition 1-D parameters (size <= max_precond_dim).
+        normalize_grads: divide each update by its RMS.
+        correct_bias: Adam bias correction ``sqrt(1-β2^t)/(1-β1^t)``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        shampoo_beta: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        correct_bias: bool = True,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if shampoo_beta is not None and not shampoo_beta < 1.0:
+            raise ValueError(f"shampoo_beta must be < 1 (negative or None: betas[1]), got {shampoo_beta}")
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        for name, value in (("precondition_frequency", precondition_frequency), ("max_precond_dim", max_precond_dim)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+            precondition_frequency=int(precondition_frequency), max_precond_dim=int(max_precond_dim),
+            merge_dims=bool(merge_dims), precondition_1d=bool(precondition_1d),
+            normalize_grads=bool(normalize_grads), correct_bias=bool(correct_bias),
+        )
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _shampoo_beta(group: dict[str, Any]) -> float:
+        sb = group["shampoo_beta"]
+        return group["betas"][1] if sb is None or sb < 0 else sb
+
+    def _layout(self, p: Tensor, group: dict[str, Any]) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        return soap_work_shape(p.shape, group["max_precond_dim"], group["merge_dims"], group["precondition_1d"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        sbeta = self._shampoo_beta(group)
+        new: list[tuple[Tensor, Tensor, dict, tuple, tuple]] = []
+        act: list[tuple[Tensor, Tensor, dict, tuple, tuple]] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("SOAP does not support sparse gradients")
+            g = p.grad.full_tensor() if _is_dtensor(p.grad) else p.grad
+            work, pre = self._layout(p, group)
+            dtype = torch.float32 if g.dtype in _LOW_PRECISION else g.dtype
+            g = g.to(dtype).reshape(work)
+            state = self.state[p]
+            (act if "step" in state else new).append((p, g, state, work, pre))
+
+        # first step of a parameter: factors and eigenbases only, no update (as the reference)
+        if new:
+            pending: list[Tensor] = []
+            slots: list[tuple[dict, int]] = []
+            for p, g, state, work, pre in new:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros(tuple(p.shape), dtype=g.dtype, device=g.device)  # global shape
+                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                ggs = []
+                for i, (d, flag) in enumerate(zip(work, pre)):
+                    if flag:
+                        state[f"GG{i}"] = torch.zeros(d, d, dtype=g.dtype, device=g.device)
+                        ggs.append(state[f"GG{i}"])
+                        pending.append(state[f"GG{i}"])
+                        slots.append((state, i))
+                    else:
+                        ggs.append(None)
+                _accumulate_factors(g, ggs, sbeta)
+            for (state, i), q in zip(slots, _batched_eigh(pending)):
+                state[f"Q{i}"] = q.contiguous()
+
+        if not act:
+            return
+
+        params, grads, ms, vs, qss, steps = [], [], [], [], [], []
+        for p, g, state, work, pre in act:
+            state["step"] += 1
+            steps.append(int(state["step"].item()))  # a CPU scalar: no device synchronisation
+            qs = [state.get(f"Q{i}") if flag else None for i, flag in enumerate(pre)]
+            params.append(p)
+            grads.append(g)
+            ms.append(state["exp_avg"].view(work))
+            vs.append(state["exp_avg_sq"].view(work))
+            qss.append(qs)
+
+        gps = [_project(g, qs, back=False) for g, qs in zip(grads, qss)]
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, gps, alpha=1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gps, gps, value=1 - beta2)
+        del gps
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, group["eps"])
+        ratio = torch._foreach_div(ms, denom)
+        del denom
+        upd = [_project(r, qs, back=True) for r, qs in zip(ratio, qss)]
+        del ratio
+        if group["normalize_grads"]:
+            norms = torch._foreach_norm(upd)
+            torch._foreach_mul_(norms, [u.numel() ** -0.5 for u in upd])
+            torch._foreach_add_(norms, 1e-30)
+            upd = [u / n for u, n in zip(upd, norms)]
+        lr, wd = group["lr"], group["weight_decay"]
+        if group["correct_bias"]:
+            scales = [-lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
+        else:
+            scales = [-lr] * len(steps)
+        torch._foreach_mul_(upd, scales)
+        self._apply(params, upd, lr * wd)
+        del upd
+
+        # factor EMAs with the current gradient, then the periodic refresh of the bases
+        refresh_mats, refresh_qs, refresh_slots = [], [], []
+        refreshed: dict[int, tuple] = {}
+        for k, ((p, g, state, work, pre), qs) in enumerate(zip(act, qss)):
+            _accumulate_factors(g, [state.get(f"GG{i}") if flag else None for i, flag in enumerate(pre)], sbeta)
+            if any(pre) and steps[k] % group["precondition_frequency"] == 0:
+                refreshed[k] = (state, work, pre)
+                for i, flag in enumerate(pre):
+                    if flag:
+                        refresh_mats.append(state[f"GG{i}"])
+                        refresh_qs.append(state[f"Q{i}"])
+                        refresh_slots.append((k, i))
+        if refreshed:
+            # m back to the parameter space with the old bases
+            m_orig = {k: _project(ms[k], qss[k], back=True) for k in refreshed}
+            new_qs, orders = _batched_power_qr(refresh_mats, refresh_qs)
+            for (k, i), q, order in zip(refresh_slots, new_qs, orders):
+                state = refreshed[k][0]
+                state[f"Q{i}"].copy_(q)
+                v = vs[k]
+                v.copy_(v.index_select(i, order))
+            for k, (state, work, pre) in refreshed.items():
+                qs = [state.get(f"Q{i}") if flag else None for i, flag in enumerate(pre)]
+                ms[k].copy_(_project(m_orig[k], qs, back=False))
+
+    @staticmethod
+    def _apply(params: list[Tensor], upd: list[Tensor], decay: float) -> None:
+        """``p += u; p *= 1 - decay`` on every parameter (local shards of DTensors, float32 for bf16)."""
+        targets, sources, writeback = [], [], []
+        for p, u in zip(params, upd):
+            if _is_dtensor(p):
+                u = _local_slice(u.reshape(p.shape), p)
+                t = p.to_local()
+            else:
+                u = u.reshape(p.shape)
+                t = p
+            if t.dtype in _LOW_PRECISION:
+                w = t.float()
+                writeback.append((t, w))
+                t = w
+            elif u.dtype != t.dtype:
+                u = u.to(t.dtype)
+            targets.append(t)
+            sources.append(u)
+        torch._foreach_add_(targets, sources)
+        if decay != 0:
+            torch._foreach_mul_(targets, 1 - decay)
+        for t, w in writeback:
+            t.copy_(w)
+
+
+@register_optimizer(
+    "soap",
+    defaults={
+        "lr": 1e-3, "betas": (0.9, 0.999), "shampoo_beta": None, "eps": 1e-8, "weight_decay": 0.1,
+        "precondition_frequency": 10, "max_precond_dim": 10000, "merge_dims": False, "precondition_1d": False,
+        "normalize_grads": False, "correct_bias": True,
+    },
+    family="matrix",
+    state=StateLayout(2, extra=_soap_extra, names=("exp_avg", "exp_avg_sq")),
+    paper="Vyas et al. 2024, SOAP: Improving and Stabilizing Shampoo using Adam (arXiv 2409.11321)",
+    reference="https://github.com/nikhilvyas/SOAP (soap.py)",
+    description="Adam in the eigenbasis of Shampoo's factors; batched eigh/QR refreshes every "
+    "precondition_frequency steps",
+)
+def soap(params: list[dict[str, Any]], **hp: Any) -> SOAP:
+    return SOAP(params, **hp)
