@@ -1,0 +1,129 @@
+"""Shared machinery of the elementwise optimizers: lazy state, grouping for ``torch._foreach_*`` ops, DTensor.
+
+Every elementwise optimizer here is a subclass of :class:`ElementwiseOptimizer`. ``step()`` collects the
+parameters of a group that have a gradient (a parameter without one is left untouched, its state too),
+creates their state on first use, and hands *buckets* of plain local tensors to the subclass's ``_update``:
+one bucket per (device, dtype, per-parameter step count), so one foreach call updates a whole bucket and
+bias corrections are Python floats computed on the host from host-side counters — no ``.item()`` on a
+device tensor, no per-parameter host sync.
+
+FSDP2 parameters are ``DTensor`` shards; state tensors are created with ``zeros_like(p)`` so they are DTensors
+with the same placement (``torch.distributed.checkpoint.state_dict`` saves them sharded), and the arithmetic
+runs on the local shards (``to_local()``), which is exact for elementwise rules. Rules that need a global
+reduction (Prodigy's sums, MARS's per-tensor norm) say so and reduce explicitly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment]
+
+__all__ = ["ElementwiseOptimizer", "Bucket", "local", "is_dtensor"]
+
+
+def is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view sharing storage), the tensor itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+class Bucket:
+    """Local tensors of the parameters of one group that share device, dtype and step count."""
+
+    __slots__ = ("params", "grads", "state", "step", "param_objs")
+
+    def __init__(self, step: int) -> None:
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.state: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.step = step  # the count *before* this step (0 on a parameter's first step)
+        self.param_objs: list[torch.Tensor] = []  # the (possibly DTensor) parameters themselves
+
+
+class ElementwiseOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses set ``state_names`` and implement ``_init_state`` and ``_update``.
+
+    ``counts_steps=True`` keeps ``state["step"]`` per parameter (a CPU float32 tensor, as torch.optim does,
+    so checkpoints look familiar) and splits buckets by it; the subclass increments nothing itself.
+    """
+
+    state_names: tuple[str, ...] = ()
+    counts_steps: bool = True
+
+    # -- to implement --------------------------------------------------------------------------------------
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names}
+
+    def _update(self, group: dict[str, Any], bucket: Bucket) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- machinery -----------------------------------------------------------------------------------------
+
+    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+        buckets: dict[tuple, Bucket] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                if self.counts_steps:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state.update(self._init_state(p, group))
+            step = int(state["step"].item()) if self.counts_steps else 0  # CPU tensor: no device sync
+            lp = local(p)
+            key = (lp.device, lp.dtype, step)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = Bucket(step)
+            b.params.append(lp)
+            b.grads.append(local(p.grad))
+            b.param_objs.append(p)
+            for name in self.state_names:
+                b.state[name].append(local(state[name]))
+        return list(buckets.values())
+
+    def _advance_steps(self, bucket: Bucket) -> None:
+        if self.counts_steps:
+            for p in bucket.param_objs:
+                self.state[p]["step"] += 1
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for bucket in self._buckets(group):
+                self._update(group, bucket)
+                self._advance_steps(bucket)
+        return loss
+
+
+def check_betas(betas: Iterable[float], n: int, name: str = "betas") -> tuple[float, ...]:
+    betas = tuple(float(b) for b in betas)
+    if len(betas) != n:
+        raise ValueError(f"{name} must have {n} entries, got {betas}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name}[{i}] must be in [0, 1), got {b}")
+    return betas
+
+
+def check_nonneg(**values: float | None) -> None:
+    for k, v in values.items():
+        if v is not None and (not isinstance(v, (int, float)) or v < 0):
+            raise ValueError(f"{k} must be a number >= 0, got {v!r}")

@@ -1,0 +1,100 @@
+"""AdEMAMix (Pagliardini, Ablin & Grangier 2024, "The AdEMAMix Optimizer", arXiv 2409.03137)::
+
+    m1 = β1·m1 + (1-β1)·g;   m2 = β3(t)·m2 + (1-β3(t))·g;   v = β2·v + (1-β2)·g²
+    p -= lr·( (m1/bc1 + α(t)·m2) / (sqrt(v/bc2) + eps) + wd·p )
+
+The slow EMA ``m2`` is not bias-corrected. Warmups (apple/ml-ademamix): ``α(t) = α·min(1, t/T_α)`` and
+``β3(t)`` moves from β1 to β3 linearly in half-life space, ``f(β) = ln 0.5 / ln(β + 1e-8) - 1``,
+``β3(t) = 0.5^(1 / ((1-s)·f(β1) + s·f(β3) + 1))``, ``s = t/T_β3`` (β3 itself once ``t >= T_β3``); the
+``1e-8`` inside the log is the reference's.
+
+State 3×P (``exp_avg``, ``exp_avg_slow``, ``exp_avg_sq``). Defaults (best 124M settings of Semenov et al.
+2025): lr 1e-3, betas (0.9, 0.999), beta3 0.999 (0.9999 for runs >= 32k steps), alpha 8, weight decay 0.1.
+
+``alpha_warmup`` / ``beta3_warmup`` default to ``None`` = no warmup (the reference's default, since an
+optimizer does not know the run's length). The benchmark's best setting uses warmups equal to the total
+number of steps: pass ``alpha_warmup=T, beta3_warmup=T`` (``--optim.extra '{alpha_warmup: T, ...}'``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
+from lightning_optim.registry import StateLayout, register_optimizer
+
+__all__ = ["AdEMAMix", "alpha_schedule", "beta3_schedule"]
+
+
+def alpha_schedule(step: int, alpha: float, warmup: int | None) -> float:
+    """Linear warmup of α from 0 (apple's ``linear_warmup_scheduler``)."""
+    if warmup and step < warmup:
+        a = step / float(warmup)
+        return a * alpha
+    return alpha
+
+
+def beta3_schedule(step: int, beta_start: float, beta_end: float, warmup: int | None) -> float:
+    """β3 warmup linear in half-life space (apple's ``linear_hl_warmup_scheduler``)."""
+    if warmup and step < warmup:
+        def f(beta: float, eps: float = 1e-8) -> float:
+            return math.log(0.5) / math.log(beta + eps) - 1
+
+        a = step / float(warmup)
+        return math.pow(0.5, 1 / ((1.0 - a) * f(beta_start) + a * f(beta_end) + 1))
+    return beta_end
+
+
+class AdEMAMix(ElementwiseOptimizer):
+    """Adam with a second, slow and un-bias-corrected EMA of the gradient mixed in with weight α."""
+
+    state_names = ("exp_avg", "exp_avg_slow", "exp_avg_sq")
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 beta3: float = 0.999, alpha: float = 8.0, eps: float = 1e-8, weight_decay: float = 0.1,
+                 alpha_warmup: int | None = None, beta3_warmup: int | None = None) -> None:
+        check_nonneg(lr=lr, weight_decay=weight_decay, alpha=alpha, alpha_warmup=alpha_warmup,
+                     beta3_warmup=beta3_warmup)
+        check_betas((beta3,), 1, "beta3")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), beta3=beta3, alpha=alpha, eps=eps,
+                                      weight_decay=weight_decay, alpha_warmup=alpha_warmup,
+                                      beta3_warmup=beta3_warmup))
+
+    def _update(self, group: dict[str, Any], b: Bucket) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        t = b.step + 1
+        bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+        alpha = alpha_schedule(t, group["alpha"], group["alpha_warmup"])
+        beta3 = beta3_schedule(t, beta1, group["beta3"], group["beta3_warmup"])
+        m1, m2, v = b.state["exp_avg"], b.state["exp_avg_slow"], b.state["exp_avg_sq"]
+        torch._foreach_lerp_(m1, b.grads, 1.0 - beta1)
+        torch._foreach_lerp_(m2, b.grads, 1.0 - beta3)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, b.grads, b.grads, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(bc2))
+        torch._foreach_add_(denom, eps)
+        num = torch._foreach_mul(m2, alpha)
+        torch._foreach_add_(num, m1, alpha=1.0 / bc1)
+        if wd != 0:
+            torch._foreach_mul_(b.params, 1.0 - lr * wd)
+        torch._foreach_addcdiv_(b.params, num, denom, value=-lr)
+
+
+@register_optimizer(
+    "ademamix",
+    defaults={"lr": 1e-3, "betas": (0.9, 0.999), "beta3": 0.999, "alpha": 8.0, "eps": 1e-8,
+              "weight_decay": 0.1, "alpha_warmup": None, "beta3_warmup": None},
+    state=StateLayout(3, names=("exp_avg", "exp_avg_slow", "exp_avg_sq")),
+    paper="Pagliardini, Ablin & Grangier 2024, The AdEMAMix Optimizer (arXiv 2409.03137)",
+    reference="apple/ml-ademamix pytorch/ademamix.py",
+    description="AdamW plus a slow EMA of the gradient (β3) mixed in with weight α",
+)
+def ademamix(params: list[dict[str, Any]], **hp: Any) -> AdEMAMix:
+    return AdEMAMix(params, **hp)

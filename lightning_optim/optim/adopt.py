@@ -1,0 +1,83 @@
+"""ADOPT (Taniguchi et al. 2024, "ADOPT: Modified Adam Can Converge with Any β2", arXiv 2411.02853)::
+
+    step 1:   v = g²                                   (no update)
+    then:     p *= 1 - lr·wd                           (decoupled; L2 into g with decouple=False)
+              n  = clamp(g / max(sqrt(v_prev), eps), -c_t, c_t),   c_t = t^clip_exponent
+              m  = m + (1-β1)·(n - m);   p -= lr·m;   v = β2·v + (1-β2)·g²
+
+No bias correction. State 2×P (``exp_avg``, ``exp_avg_sq``). Defaults (best 124M settings of Semenov et
+al. 2025): lr 1e-3, betas (0.9, 0.999), eps 1e-6 (eps >= 1e-5 is much worse), weight decay 0.1.
+
+``t`` in the clamp is the number of steps taken *before* this one, as the official code reads the count
+before incrementing it: the clamp at the first update is 1 (``1^0.25``), then ``2^0.25`` ...
+
+Reference defect done right: iShohei220/adopt stores the clamp schedule as a lambda (``clip_lambda``), which
+cannot be pickled with ``weights_only=True`` nor saved by ``torch.distributed.checkpoint``; here it is the
+number ``clip_exponent`` (``None`` disables clamping). pytorch-optimizer's ADOPT differs from the official
+algorithm (it decays the weights on the initialising step and clamps one step later), so the tests compare
+against a transcription of the official algorithm, not against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
+from lightning_optim.registry import StateLayout, register_optimizer
+
+__all__ = ["ADOPT"]
+
+
+class ADOPT(ElementwiseOptimizer):
+    """ADOPT with decoupled weight decay and a clamp schedule stored as data."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.1, clip_exponent: float | None = 0.25,
+                 decouple: bool = True) -> None:
+        check_nonneg(lr=lr, weight_decay=weight_decay, clip_exponent=clip_exponent)
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), eps=eps, weight_decay=weight_decay,
+                                      clip_exponent=clip_exponent, decouple=bool(decouple)))
+
+    def _update(self, group: dict[str, Any], b: Bucket) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        m, v = b.state["exp_avg"], b.state["exp_avg_sq"]
+        grads = b.grads
+        if wd != 0 and not group["decouple"]:
+            grads = torch._foreach_add(grads, b.params, alpha=wd)
+        if b.step == 0:
+            torch._foreach_addcmul_(v, grads, grads)
+            return
+        if wd != 0 and group["decouple"]:
+            torch._foreach_mul_(b.params, 1.0 - lr * wd)
+        n = torch._foreach_sqrt(v)
+        torch._foreach_clamp_min_(n, eps)
+        torch._foreach_div_(n, grads)
+        torch._foreach_reciprocal_(n)  # g / max(sqrt(v), eps), in place in one buffer
+        if group["clip_exponent"] is not None:
+            clip = float(b.step) ** group["clip_exponent"]
+            torch._foreach_clamp_min_(n, -clip)
+            torch._foreach_clamp_max_(n, clip)
+        torch._foreach_lerp_(m, n, 1.0 - beta1)
+        torch._foreach_add_(b.params, m, alpha=-lr)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+
+
+@register_optimizer(
+    "adopt",
+    defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.1, "clip_exponent": 0.25,
+              "decouple": True},
+    state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
+    paper="Taniguchi et al. 2024, ADOPT: Modified Adam Can Converge with Any β2 (arXiv 2411.02853)",
+    reference="iShohei220/adopt adopt.py (clamp schedule stored as a number here, not a lambda)",
+    description="Adam variant: normalise by the previous second moment, then momentum; clamped",
+)
+def adopt(params: list[dict[str, Any]], **hp: Any) -> ADOPT:
+    return ADOPT(params, **hp)

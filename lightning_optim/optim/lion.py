@@ -1,0 +1,54 @@
+"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675)::
+
+    p *= 1 - lr·wd;   p -= lr·sign(β1·m + (1-β1)·g);   m = β2·m + (1-β2)·g
+
+State 1×P (``exp_avg``). Defaults are the best 124M settings of Semenov et al. 2025: lr 1e-3 (5e-4 at
+210M, 2e-4 at 720M), betas (0.9, 0.99), weight decay 0.1. Reference: google/automl ``lion/lion_pytorch.py``
+and lucidrains' ``lion-pytorch`` (the tests compare against the latter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
+from lightning_optim.registry import StateLayout, register_optimizer
+
+__all__ = ["Lion"]
+
+
+class Lion(ElementwiseOptimizer):
+    """Lion: sign of an interpolated momentum, decoupled weight decay. One foreach pass per op over a group."""
+
+    state_names = ("exp_avg",)
+    counts_steps = False
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.1) -> None:
+        check_nonneg(lr=lr, weight_decay=weight_decay)
+        super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), weight_decay=weight_decay))
+
+    def _update(self, group: dict[str, Any], b: Bucket) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        m = b.state["exp_avg"]
+        u = torch._foreach_lerp(m, b.grads, 1.0 - beta1)  # β1·m + (1-β1)·g
+        torch._foreach_sign_(u)
+        if wd != 0:
+            torch._foreach_mul_(b.params, 1.0 - lr * wd)
+        torch._foreach_add_(b.params, u, alpha=-lr)
+        torch._foreach_lerp_(m, b.grads, 1.0 - beta2)
+
+
+@register_optimizer(
+    "lion",
+    defaults={"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1},
+    state=StateLayout(1, names=("exp_avg",)),
+    paper="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms (arXiv 2302.06675)",
+    reference="google/automl lion/lion_pytorch.py; lucidrains/lion-pytorch",
+    description="sign of interpolated momentum; 1 state tensor",
+)
+def lion(params: list[dict[str, Any]], **hp: Any) -> Lion:
+    return Lion(params, **hp)

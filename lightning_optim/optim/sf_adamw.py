@@ -1,0 +1,155 @@
+"""Schedule-Free AdamW (Defazio et al. 2024, "The Road Less Scheduled", arXiv 2405.15682)::
+
+    lr_t = lr·min(1, t/warmup_steps);   w_t = t^r · lr_max^weight_lr_power;   c = w_t / Σ w_i
+    v = β2·v + (1-β2)·g²;   u = g/(sqrt(v/bc2) + eps) + wd·y
+    z -= lr_t·u;   x = (1-c)·x + c·z;   y = (1-β1)·z + β1·x
+
+The gradient is taken at ``y``. The parameter holds ``y`` in train mode and ``x`` in eval mode; only ``z``
+and ``v`` are stored (state 2×P: ``z``, ``exp_avg_sq``), ``x`` is recovered from ``y`` and ``z``
+(facebookresearch/schedule_free's layout). ``lr_max`` is the largest ``lr_t`` so far, as in the reference,
+so with warmup and no external schedule ``c = lr_t²/Σ lr_i²``. No external LR schedule is needed
+(use ``constant``).
+
+Modes: :meth:`train` / :meth:`eval` switch the parameters between ``y`` and ``x`` and are idempotent; every
+group carries a ``train_mode`` flag set at construction (``True``: a fresh optimizer is in train mode, where
+``x = y = z``). ``step()`` in eval mode raises. In Lightning the
+:class:`~lightning_optim.callbacks.schedule_free.ScheduleFreeSwitch` callback (added by the mixin) puts the
+optimizer in eval mode for validation and for every saved checkpoint, and back in train mode before every
+gradient. Save checkpoints in eval mode (the weights are then ``x``); the optimizer state holds ``z``, so a
+resume continues exactly.
+
+Defaults (best 124M settings of Semenov et al. 2025): lr 1e-3, betas (0.9, 0.9999), warmup_steps 2000, eps
+1e-8, weight decay 0.1, r 0, weight_lr_power 2 (use grad clipping 0.5: unclipped at lr 1e-3 is unstable).
+
+Difference from the reference: its ``step`` divides ``p.grad`` in place (the gradient is overwritten by the
+normalised update); here the gradient is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg, local
+from lightning_optim.registry import StateLayout, register_optimizer
+
+__all__ = ["AdamWScheduleFree"]
+
+
+class AdamWScheduleFree(ElementwiseOptimizer):
+    """Schedule-free AdamW; ``train()`` / ``eval()`` switch the parameters between y and x."""
+
+    state_names = ("z", "exp_avg_sq")
+    counts_steps = False
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.9999),
+                 eps: float = 1e-8, weight_decay: float = 0.1, warmup_steps: int = 2000, r: float = 0.0,
+                 weight_lr_power: float = 2.0) -> None:
+        check_nonneg(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, weight_lr_power=weight_lr_power)
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        betas = check_betas(betas, 2)
+        if betas[0] == 0:
+            raise ValueError("betas[0] must be > 0 for schedule-free (x is recovered as (y - (1-β1)·z)/β1)")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      warmup_steps=int(warmup_steps), r=r, weight_lr_power=weight_lr_power,
+                                      k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0))
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"z": p.detach().clone(memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    # -- modes ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _switch(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] == to_train:
+                continue
+            beta1 = group["betas"][0]
+            weight = 1 - beta1 if to_train else 1 - 1 / beta1
+            ps, zs = [], []
+            for p in group["params"]:
+                z = self.state[p].get("z") if p in self.state else None
+                if z is not None:
+                    ps.append(local(p))
+                    zs.append(local(z).to(local(p).device))
+            if ps:
+                torch._foreach_lerp_(ps, zs, weight)
+            group["train_mode"] = to_train
+
+    def train(self, mode: bool = True) -> "AdamWScheduleFree":
+        """Parameters hold y (where gradients are taken). Idempotent."""
+        self._switch(bool(mode))
+        return self
+
+    def eval(self) -> "AdamWScheduleFree":
+        """Parameters hold x (the averaged weights: validate and save these). Idempotent."""
+        self._switch(False)
+        return self
+
+    @property
+    def train_mode(self) -> bool:
+        return all(g["train_mode"] for g in self.param_groups)
+
+    # -- step ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if not all(g["train_mode"] for g in self.param_groups):
+            raise RuntimeError(
+                "AdamWScheduleFree.step() called in eval mode: call optimizer.train() before training steps "
+                "(in Lightning, add lightning_optim.callbacks.ScheduleFreeSwitch)"
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            k = group["k"]
+            warmup = group["warmup_steps"]
+            sched = (k + 1) / warmup if k < warmup else 1.0
+            lr = group["lr"] * sched
+            group["scheduled_lr"] = lr
+            lr_max = group["lr_max"] = max(lr, group["lr_max"])
+            weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
+            weight_sum = group["weight_sum"] = group["weight_sum"] + weight
+            ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+            for b in self._buckets(group):
+                self._update_bucket(group, b, lr, ckp1, k)
+            group["k"] = k + 1
+        return loss
+
+    def _update_bucket(self, group: dict[str, Any], b: Bucket, lr: float, ckp1: float, k: int) -> None:
+        beta1, beta2 = group["betas"]
+        y, z, v = b.params, b.state["z"], b.state["exp_avg_sq"]
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, b.grads, b.grads, value=1 - beta2)
+        u = torch._foreach_sqrt(v)
+        torch._foreach_div_(u, math.sqrt(1 - beta2 ** (k + 1)))
+        torch._foreach_add_(u, group["eps"])
+        torch._foreach_div_(u, b.grads)
+        torch._foreach_reciprocal_(u)  # u = g / (sqrt(v/bc2) + eps), in one buffer
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(u, y, alpha=group["weight_decay"])
+        torch._foreach_lerp_(y, z, ckp1)
+        torch._foreach_add_(y, u, alpha=lr * (beta1 * (1 - ckp1) - 1))
+        torch._foreach_add_(z, u, alpha=-lr)
+
+
+@register_optimizer(
+    "sf-adamw",
+    defaults={"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-8, "weight_decay": 0.1, "warmup_steps": 2000,
+              "r": 0.0, "weight_lr_power": 2.0},
+    state=StateLayout(2, names=("z", "exp_avg_sq")),
+    paper="Defazio et al. 2024, The Road Less Scheduled (arXiv 2405.15682)",
+    reference="facebookresearch/schedule_free schedulefree/adamw_schedulefree.py",
+    description="schedule-free AdamW: no LR schedule; eval mode (x) for validation and checkpoints",
+    aliases=("schedule-free-adamw", "adamw-schedule-free"),
+    callbacks=("lightning_optim.callbacks.schedule_free:ScheduleFreeSwitch",),
+    schedule_free=True,
+)
+def sf_adamw(params: list[dict[str, Any]], **hp: Any) -> AdamWScheduleFree:
+    return AdamWScheduleFree(params, **hp)
