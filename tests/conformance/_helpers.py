@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+from functools import lru_cache
 from typing import Any, Iterator
 
 import torch
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_optim as lo
-from lightning_optim.registry import get_optimizer_spec
+from lightning_optim.registry import get_optimizer_spec, normalize_name
 
 VOCAB, DIM, HIDDEN = 16, 8, 13  # HIDDEN odd: FSDP2 shards it unevenly over 2 ranks (7 + 6 rows)
 BATCH, SEQ = 4, 6
@@ -92,6 +94,29 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, start:
             sched.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def registered_optimizers() -> list[str]:
+    names = lo.available_optimizers()
+    only = os.environ.get("LIGHTNING_OPTIM_CONFORMANCE")
+    if only:
+        wanted = {normalize_name(n) for n in only.split(",") if n.strip()}
+        names = [n for n in names if n in wanted]
+    return names
+
+
+@lru_cache(maxsize=None)
+def missing_dependency(name: str) -> str | None:
+    """Why ``name`` cannot be built here (an ImportError at construction), or None."""
+    try:
+        build(name, make_model())
+    except ImportError as err:
+        spec = lo.optimizer_info(name)
+        extra = f" (extra {spec.requires!r})" if spec.requires else ""
+        return f"optimizer {name!r} needs an optional dependency that is not installed{extra}: {err}"
+    except Exception:  # a real construction bug: let the test itself fail on it
+        return None
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------

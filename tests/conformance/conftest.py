@@ -10,38 +10,9 @@ reason; any other construction error fails its tests.
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
-
 import pytest
 
-import lightning_optim as lo
-from lightning_optim.registry import normalize_name
-
-from ._helpers import build, make_model
-
-
-def registered_optimizers() -> list[str]:
-    names = lo.available_optimizers()
-    only = os.environ.get("LIGHTNING_OPTIM_CONFORMANCE")
-    if only:
-        wanted = {normalize_name(n) for n in only.split(",") if n.strip()}
-        names = [n for n in names if n in wanted]
-    return names
-
-
-@lru_cache(maxsize=None)
-def missing_dependency(name: str) -> str | None:
-    """Why ``name`` cannot be built here (an ImportError at construction), or None."""
-    try:
-        build(name, make_model())
-    except ImportError as err:
-        spec = lo.optimizer_info(name)
-        extra = f" (extra {spec.requires!r})" if spec.requires else ""
-        return f"optimizer {name!r} needs an optional dependency that is not installed{extra}: {err}"
-    except Exception:  # a real construction bug: let the test itself fail on it
-        return None
-    return None
+from ._helpers import missing_dependency, registered_optimizers
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
