@@ -56,10 +56,16 @@ def state_like_rows(p: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.zeros(p.shape[0], 1, dtype=dtype, device=p.device)
 
 
-def _fused_ok(tensors: list[Tensor]) -> bool:
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+_FUSED_DEVICES: set[str] | None = None
 
-    devices = set(_get_fused_kernels_supported_devices())
+
+def _fused_ok(tensors: list[Tensor]) -> bool:
+    global _FUSED_DEVICES
+    if _FUSED_DEVICES is None:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        _FUSED_DEVICES = set(_get_fused_kernels_supported_devices())
+    devices = _FUSED_DEVICES
     return bool(tensors) and all(t.is_floating_point() and t.device.type in devices for t in tensors) and len(
         {(t.device, t.dtype) for t in tensors}) == 1
 
