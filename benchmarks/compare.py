@@ -133,7 +133,8 @@ def run_id(optimizer: str, schedule: str) -> str:
 
 
 def plan_runs(cfg: CompareConfig, optimizers: list[str] | None, schedules: list[str] | None) -> list[tuple[str, str]]:
-    """(optimizer, schedule) pairs: optimizers × schedules, plus the config's extra runs when both are default.
+    """(optimizer, schedule) pairs: optimizers × schedules, plus the config's extra runs (for the optimizers
+    asked for) unless schedules are given.
     Schedule-free optimizers always run with the constant schedule (once)."""
     from lightning_optim import available_optimizers, optimizer_info
 
@@ -141,8 +142,9 @@ def plan_runs(cfg: CompareConfig, optimizers: list[str] | None, schedules: list[
     names = optimizers or registered
     scheds = list(schedules or cfg.schedules)
     pairs: list[tuple[str, str]] = [(o, s) for o in names for s in scheds]
-    if optimizers is None and schedules is None:
-        pairs += [(o, s) for o, s in cfg.extra_runs if o in registered]
+    if schedules is None:  # the config's schedule comparisons, for the optimizers asked for
+        wanted = {optimizer_info(o).name for o in names}
+        pairs += [(o, s) for o, s in cfg.extra_runs if o in registered and o in wanted]
     out: list[tuple[str, str]] = []
     for o, s in pairs:
         spec = optimizer_info(o)  # raises for an unknown name, with close matches

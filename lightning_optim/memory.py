@@ -16,6 +16,10 @@ parameters are matrices needs the model, so pass ``module=`` or ``preset=`` for 
 ``n_params`` every parameter is treated as a matrix of unknown shape and shape-dependent state is left out
 (the estimate says so: ``exact=False``).
 
+Quantised layouts (``bytes_per_element`` set) whose spec has a ``min_8bit_size`` default (bitsandbytes) keep
+float32 state for parameters with fewer elements than that, as bitsandbytes does; with only ``n_params``
+every parameter is assumed large enough.
+
 What it counts is what an optimizer allocates per parameter: scalar step counters (0-dim tensors or Python
 numbers) are left out, and so are activations, temporary buffers of the step and allocator overhead.
 
@@ -48,6 +52,7 @@ __all__ = [
     "preset_shapes",
     "measure_state_bytes",
     "KNOWN_SHAPES",
+    "DEFAULT_VOCAB",
     "SHARDING",
 ]
 
@@ -219,26 +224,33 @@ KNOWN_SHAPES = {
 KNOWN_SHAPES["7b"] = KNOWN_SHAPES["llama2-7b"]
 
 
-def preset_shapes(preset: str, arch: str = "llama") -> list[tuple[tuple[int, ...], bool]]:
+#: vocabulary of the default tokenizer (a 4096-token byte-level BPE), for presets that take the tokenizer's
+DEFAULT_VOCAB = 4096
+
+
+def preset_shapes(preset: str, arch: str = "llama", vocab_size: int | None = None) -> list[tuple[tuple[int, ...], bool]]:
     """Shapes of a model preset: :func:`lightning_optim.models.build_model` on the meta device (nothing is
-    allocated), or one of :data:`KNOWN_SHAPES` (``llama2-7b``, ``llama3-8b``, ...)."""
+    allocated), or one of :data:`KNOWN_SHAPES` (``llama2-7b``, ``llama3-8b``, ...). Presets whose vocabulary
+    is the tokenizer's (``tiny``) take ``vocab_size``, default :data:`DEFAULT_VOCAB`."""
     key = preset.strip().lower()
     try:
-        from lightning_optim.models import build_model
+        from lightning_optim.models import PRESETS, build_model
     except ImportError:
-        build_model = None
-    if build_model is not None:
-        try:
-            with torch.device("meta"):
-                module = build_model(preset, arch=arch)
-        except (ValueError, KeyError):
-            if key not in KNOWN_SHAPES:
-                raise
-        else:
-            return shapes_of(module)
+        PRESETS, build_model = {}, None
+    if build_model is not None and key in PRESETS:
+        if vocab_size is None and PRESETS[key].get("vocab_size", 0) is None:
+            vocab_size = DEFAULT_VOCAB
+        with torch.device("meta"):
+            module = build_model(key, arch=arch, vocab_size=vocab_size)
+        return shapes_of(module)
     if key in KNOWN_SHAPES:
-        return transformer_shapes(**KNOWN_SHAPES[key])
-    raise ValueError(f"unknown preset {preset!r}; known without lightning_optim.models: {', '.join(KNOWN_SHAPES)}")
+        known = dict(KNOWN_SHAPES[key])
+        if vocab_size is not None:
+            known["vocab_size"] = vocab_size
+        return transformer_shapes(**known)
+    raise ValueError(
+        f"unknown preset {preset!r}; presets: {', '.join([*PRESETS, *KNOWN_SHAPES])}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,6 +282,7 @@ def estimate_memory(
     shapes: Iterable[tuple[tuple[int, ...], bool]] | None = None,
     preset: str | None = None,
     arch: str = "llama",
+    vocab_size: int | None = None,
     weight_dtype: str | torch.dtype = "float32",
     grad_dtype: str | torch.dtype | None = None,
     state_dtype: str | torch.dtype | None = None,
@@ -281,7 +294,7 @@ def estimate_memory(
 
     Give exactly one of ``n_params`` (all parameters treated as matrices of unknown shape), ``module``,
     ``shapes`` (``(shape, is_matrix)`` pairs) or ``preset`` (a :mod:`lightning_optim.models` preset with
-    ``arch``, or a name in :data:`KNOWN_SHAPES`). Gradients and state default to the weight dtype (what
+    ``arch`` and optionally ``vocab_size``, or a name in :data:`KNOWN_SHAPES`). Gradients and state default to the weight dtype (what
     torch's optimizers allocate: state like the parameter); ``master_dtype`` adds a master copy of the
     weights (bf16 weights with fp32 master weights). ``shard`` is the number of ranks and ``sharding`` which
     pieces they split (see :data:`SHARDING`).
@@ -302,7 +315,7 @@ def estimate_memory(
     if module is not None:
         shapes = shapes_of(module, split_matrices=spec.hybrid)
     elif preset is not None:
-        shapes = preset_shapes(preset, arch)
+        shapes = preset_shapes(preset, arch, vocab_size)
     if shapes is None:
         if n_params is None or n_params <= 0:
             raise ValueError(f"n_params must be positive, got {n_params}")
@@ -310,18 +323,24 @@ def estimate_memory(
         has_extra = spec.state.extra is not None or (spec.other_state is not None and spec.other_state.extra is not None)
         exact = exact and not has_extra and not spec.hybrid
         per_shape = [((total,), True, False)]
+        use_shapes = False
     else:
+        use_shapes = True
         shapes = [(tuple(int(d) for d in s), bool(m)) for s, m in shapes]
         if not spec.hybrid:
             shapes = [(s, True) for s, _ in shapes]
         per_shape = [(s, m, True) for s, m in shapes]
         total = sum(math.prod(s) for s, _ in shapes)
 
+    # quantised state (bitsandbytes) applies only from ``min_8bit_size`` elements up; smaller tensors keep fp32
+    min_quantized = int(spec.defaults.get("min_8bit_size", 0) or 0) if use_shapes else 0
     state: dict[str, float] = {}
     for shape, is_matrix, use_extra in per_shape:
         numel = math.prod(shape)
         layout = spec.state if (is_matrix or spec.other_state is None) else spec.other_state
         elem = layout.bytes_per_element if layout.bytes_per_element is not None else sb
+        if layout.bytes_per_element is not None and numel < min_quantized:
+            elem = 4  # bitsandbytes keeps float32 state for tensors smaller than min_8bit_size
         prefix = "" if spec.other_state is None else ("matrix " if is_matrix else "adamw ")
         for label, count in _state_names(spec, is_matrix):
             state[prefix + label] = state.get(prefix + label, 0.0) + count * numel * elem
