@@ -1,4 +1,4 @@
-"""2-process DDP run: a loss spike on rank 1 only (step 40) and a NaN gradient on rank 1 only (step 45).
+"""2-process DDP run: a loss spike on rank 1 only (step 20) and a NaN gradient on rank 1 only (step 25).
 
 Both ranks must take the same decisions (skip both steps) and end with identical weights. Writes
 ``rank{r}.json`` and ``weights{r}.pt`` under the output directory given as the first argument.
@@ -23,12 +23,12 @@ warnings.simplefilter("ignore")
 
 def main(out: Path) -> None:
     L.seed_everything(0)
-    model = TinyLM(inject=[{"kind": "loss", "step": 40, "rank": 1}, {"kind": "nan_grad", "step": 45, "rank": 1}])
-    detector = LossSpikeDetector(action="skip", window=16)
+    model = TinyLM(inject=[{"kind": "loss", "step": 20, "rank": 1}, {"kind": "nan_grad", "step": 25, "rank": 1}])
+    detector = LossSpikeDetector(action="skip", window=8)
     guard = NonFiniteGuard()
-    probe = Probe([40, 45])
+    probe = Probe([20, 25])
     callbacks = [detector, guard, GradientClipping(max_norm=1.0), LayerNormMonitor(every_n_steps=10), probe]
-    t = trainer(callbacks, 50, devices=2, strategy="ddp")
+    t = trainer(callbacks, 30, devices=2, strategy="ddp")
     t.fit(model, loader(batch_size=8))
     rank = t.global_rank
 
@@ -41,7 +41,7 @@ def main(out: Path) -> None:
         "spike_step": detector.events[0]["step"] if detector.events else None,
         "nonfinite": guard.total,
         "finite": all_finite(model.parameters()),
-        "unchanged_40": unchanged(40), "unchanged_45": unchanged(45),
+        "unchanged_20": unchanged(20), "unchanged_25": unchanged(25),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / f"weights{rank}.pt")
