@@ -1,0 +1,16 @@
+"""Llama-style 583M (11 layers, 1920, 15 heads), batch 256 x 512 tokens, AdamW + cosine with the benchmark's settings.
+
+    python recipes/llama583m.py --trainer.devices 8                          # DDP on 8 GPUs
+    python recipes/llama583m.py --config recipes/configs/optim/muon.yaml     # another optimizer, benchmark settings
+    python recipes/llama583m.py --config recipes/configs/fsdp2.yaml          # FSDP2
+    python recipes/llama583m.py --ckpt_path <run>/checkpoints/last.ckpt      # resume
+    python recipes/llama583m.py --data.dataset HuggingFaceFW/fineweb-edu --data.dataset_config sample-10BT \
+        --data.tokenizer gpt2 --data.max_tokens 3000000000             # the benchmark's data (needs the network)
+
+The default data is the offline corpus (Python's standard library source, local BPE); see --help.
+"""
+
+from _cli import main
+
+if __name__ == "__main__":
+    main("583m", arch="llama", name="llama583m")
