@@ -14,7 +14,7 @@ local shard, viewed ``(local_rows, cols)``) with a :class:`MatrixMeta` saying ho
                 its rows of the result. Each matrix is orthogonalised exactly once across the ranks, and no
                 collective runs inside the Newton–Schulz iterations.
 
-Payloads travel as bf16 (the kernel casts to bf16 first, so this loses nothing) reinterpreted as int16 so
+Payloads travel as bf16 (the kernel casts to bf16 first, so this loses nothing) reinterpreted as uint8 so
 any backend (gloo included) moves them. Results are bf16, shaped like the local input.
 """
 
@@ -152,8 +152,8 @@ def _owners(metas: Sequence[MatrixMeta], world: int) -> list[int]:
     return owner
 
 
-def _as_int16(t: Tensor) -> Tensor:
-    return t.view(torch.int16)
+def _as_bytes(t: Tensor) -> Tensor:
+    return t.view(torch.uint8)  # bf16 bits as bytes: every backend (gloo included) moves uint8
 
 
 def _replicated(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> list[Tensor]:
@@ -171,7 +171,7 @@ def _replicated(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> lis
     if results:
         torch.cat([r.reshape(-1) for r in results], out=send[: sizes[rank]])
     recv = torch.empty(world * width, dtype=torch.bfloat16, device=device)
-    dist.all_gather_into_tensor(_as_int16(recv), _as_int16(send), group=pg)
+    dist.all_gather_into_tensor(_as_bytes(recv), _as_bytes(send), group=pg)
     CommCounter.collectives["all_gather_into_tensor"] += 1
     out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
     offsets = [r * width for r in range(world)]
@@ -199,7 +199,8 @@ def _sharded(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> list[T
     if pieces:
         torch.cat(pieces, out=send)
     recv = torch.empty(sum(out_splits), dtype=torch.bfloat16, device=device)
-    dist.all_to_all_single(_as_int16(recv), _as_int16(send), out_splits, in_splits, group=pg)
+    dist.all_to_all_single(_as_bytes(recv), _as_bytes(send), [2 * k for k in out_splits],
+                           [2 * k for k in in_splits], group=pg)
     CommCounter.collectives["all_to_all_single"] += 1
     # 2) owners assemble full matrices (rows in rank order) and orthogonalise them, batched by shape
     blocks: dict[int, list[Tensor]] = {i: [] for i in mine}
@@ -222,7 +223,8 @@ def _sharded(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> list[T
     if back_pieces:
         torch.cat(back_pieces, out=send2)
     recv2 = torch.empty(sum(in_splits), dtype=torch.bfloat16, device=device)
-    dist.all_to_all_single(_as_int16(recv2), _as_int16(send2), in_splits, out_splits, group=pg)
+    dist.all_to_all_single(_as_bytes(recv2), _as_bytes(send2), [2 * k for k in in_splits],
+                           [2 * k for k in out_splits], group=pg)
     CommCounter.collectives["all_to_all_single"] += 1
     out: list[Tensor] = [None] * n  # type: ignore[list-item]
     off = 0
