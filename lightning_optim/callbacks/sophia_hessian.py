@@ -26,7 +26,7 @@ Cost: one extra forward and backward every ``hessian_interval`` steps (``benchma
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +57,15 @@ class SophiaHessian(Callback):
 
     Args:
         hessian_interval: steps between passes; ``None`` reads the optimizer's ``hessian_interval``.
+        sample_fn: ``logits (N, vocab) -> labels (N,)``; default samples ``ŷ ~ softmax(logits)``
+            (``torch.multinomial``). A deterministic one (argmax) makes runs comparable across world sizes.
     """
 
-    def __init__(self, hessian_interval: int | None = None) -> None:
+    def __init__(self, hessian_interval: int | None = None, sample_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if hessian_interval is not None and (int(hessian_interval) != hessian_interval or hessian_interval < 1):
             raise ValueError(f"hessian_interval must be an integer >= 1, got {hessian_interval!r}")
         self.hessian_interval = hessian_interval
+        self.sample_fn = sample_fn
         self._last_step = -1
         self.passes: list[int] = []  # global steps after which a pass ran (this process)
 
@@ -109,7 +112,10 @@ class SophiaHessian(Callback):
             logits = pl_module.logits_for_batch(batch)
             flat = logits.reshape(-1, logits.shape[-1]).float()
             with torch.no_grad():
-                sampled = torch.multinomial(torch.softmax(flat, dim=-1), 1).squeeze(-1)
+                if self.sample_fn is not None:
+                    sampled = self.sample_fn(flat.detach())
+                else:
+                    sampled = torch.multinomial(torch.softmax(flat, dim=-1), 1).squeeze(-1)
             loss = F.cross_entropy(flat, sampled)
         loss.backward()
         pl_module.train(was_training)
