@@ -93,7 +93,25 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, start:
         if sched is not None:
             sched.step()
         losses.append(float(loss.detach()))
+        hessian_pass(model, opt, step, rank, world)
     return losses
+
+
+def hessian_pass(model: nn.Module, opt: torch.optim.Optimizer, step: int, rank: int = 0, world: int = 1) -> None:
+    """What ``SophiaHessian`` does after every ``hessian_interval``-th step, for any optimizer exposing
+    ``update_hessian`` (Sophia-G's Gauss–Newton–Bartlett estimate), with labels sampled reproducibly."""
+    update = getattr(opt, "update_hessian", None)
+    if not callable(update) or (step + 1) % int(getattr(opt, "hessian_interval", 10)) != 0:
+        return
+    opt.zero_grad(set_to_none=True)
+    idx, _ = batch(step, rank, world)
+    logits = model(idx).float().reshape(-1, VOCAB)
+    gen = torch.Generator().manual_seed(10_000 + step * max(world, 1) + rank)
+    with torch.no_grad():
+        sampled = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(-1)
+    F.cross_entropy(logits, sampled).backward()
+    update(bs=logits.shape[0] * world)
+    opt.zero_grad(set_to_none=True)
 
 
 def registered_optimizers() -> list[str]:
@@ -172,6 +190,20 @@ def diff_states(a: Any, b: Any, exact: bool = True, atol: float = 0.0) -> list[s
     return out
 
 
+def canonical_optimizer_state(sd: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict keyed by (group, position) instead of by its integer ids.
+
+    ``Optimizer.load_state_dict`` pairs saved and live parameters by their position in the groups, so two
+    state dicts that number the parameters differently (Lightning's FSDP2 full checkpoints number them in
+    ``model.parameters()`` order) hold the same state when they agree position by position."""
+    out: dict[str, Any] = {}
+    for gi, g in enumerate(sd["param_groups"]):
+        out[f"group{gi}"] = {k: v for k, v in g.items() if k != "params"}
+        for pj, pid in enumerate(g["params"]):
+            out[f"group{gi}.param{pj}"] = sd["state"].get(pid, {})
+    return out
+
+
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: _local(p).detach().clone() for n, p in model.named_parameters()}
 
@@ -182,8 +214,12 @@ def state_snapshot(opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def nonfinite_entries(obj: Any) -> list[str]:
+    """Paths of NaN/inf values (tensors or floats). Hyperparameters in an optimizer state_dict's
+    ``param_groups`` are not checked: some are legitimately infinite (Prodigy's ``growth_rate``)."""
     bad = []
     for k, v in flatten(obj):
+        if k.startswith("/param_groups"):
+            continue
         if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
             if not torch.isfinite(_local(v)).all():
                 bad.append(k)

@@ -67,6 +67,12 @@ class ConfLM(OptimizerMixin, L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    def output_head(self):
+        return self.model.head
+
+    def logits_for_batch(self, b) -> torch.Tensor:
+        return self(b[0])
+
     def training_step(self, b, i):
         idx, tgt = b
         logits = self(idx)
