@@ -446,6 +446,7 @@ def compare(
     retry_failed: bool = False,
     max_runs: int | None = None,
     tokens: int | None = None,
+    val_every: int | None = None,
     verbose: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the comparison (skipping finished runs), then write the table and the PNG. Returns the records."""
@@ -455,6 +456,8 @@ def compare(
         config_name, cfg = "custom", config
     if tokens is not None:
         cfg = dataclasses.replace(cfg, tokens=int(tokens))
+    if val_every is not None:
+        cfg = dataclasses.replace(cfg, val_every_n_steps=int(val_every))
     out = Path(out_dir) if out_dir else ROOT / "benchmarks" / "out" / f"compare-{config_name}"
     results = Path(results_dir) if results_dir else ROOT / "benchmarks" / "results"
     runs_dir = out / "runs"
@@ -491,8 +494,6 @@ def compare(
     table = write_table(records, cfg, config_name, results / f"compare-{config_name}.md", missing)
     if any(r.get("val") for r in records):
         plot(records, results / f"compare-{config_name}.png", f"{config_name}")
-    if verbose:
-        print(table)
     return records
 
 
@@ -502,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizers", nargs="+", default=None, help="registry names (default: every one)")
     parser.add_argument("--schedules", nargs="+", default=None, help="default: the config's (cosine)")
     parser.add_argument("--tokens", type=float, default=None, help="override the token budget")
+    parser.add_argument("--val-every", type=int, default=None, help="override the validation interval (steps)")
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("--rerun", action="store_true", help="run everything again")
@@ -511,13 +513,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         cfg = CONFIGS[args.config]
+        if args.tokens:
+            cfg = dataclasses.replace(cfg, tokens=int(args.tokens))
+        if args.val_every:
+            cfg = dataclasses.replace(cfg, val_every_n_steps=args.val_every)
         out = Path(args.out_dir) if args.out_dir else ROOT / "benchmarks" / "out" / f"compare-{args.config}"
         done = load_done(out / "runs", cfg)
         for p in plan_runs(cfg, args.optimizers, args.schedules):
             print(f"{run_id(*p):<30} {'done' if run_id(*p) in done else 'to run'}")
         return 0
     compare(args.config, args.optimizers, args.schedules, args.out_dir, args.results_dir, args.rerun,
-            args.retry_failed, args.max_runs, int(args.tokens) if args.tokens else None)
+            args.retry_failed, args.max_runs, int(args.tokens) if args.tokens else None, args.val_every)
+    results = Path(args.results_dir) if args.results_dir else ROOT / "benchmarks" / "results"
+    print((results / f"compare-{args.config}.md").read_text())
     return 0
 
 
