@@ -1,0 +1,147 @@
+"""Collectives and Newton–Schulz calls per optimizer step under FSDP2 on 2 CPU ranks: ours vs torch.optim.Muon.
+
+    torchrun --nproc_per_node=2 benchmarks/comm_count.py [--layers 6 --width 512 --vocab 8192]
+
+The model is the 23M Llama-style GPT shape (6 layers, width 512, vocab 8192), ``fully_shard`` per block and on
+the root. One warm-up step, then one measured ``optimizer.step()``: collectives issued directly through
+``torch.distributed`` are counted by wrapping its functions, collectives issued by DTensor dispatch by
+``CommDebugMode``. torch.optim.Muon gets the matrix parameters only (it is 2-D only); its failure, if any, is
+reported. Writes ``benchmarks/results/comm_fsdp2.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+from lightning_optim import create_optimizer, param_groups  # noqa: E402
+from lightning_optim.models.gpt import ModelConfig, Transformer  # noqa: E402
+from lightning_optim.optim._matrix_dist import CommCounter  # noqa: E402
+
+_WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single",
+            "all_to_all", "broadcast", "gather", "scatter", "reduce")
+
+
+class DirectCounter:
+    def __init__(self):
+        self.counts = Counter()
+        self.orig = {}
+
+    def __enter__(self):
+        for n in _WRAPPED:
+            f = getattr(dist, n)
+            self.orig[n] = f
+
+            def wrap(*a, _f=f, _n=n, **k):
+                self.counts[_n] += 1
+                return _f(*a, **k)
+
+            setattr(dist, n, wrap)
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.orig.items():
+            setattr(dist, n, f)
+
+
+def build(args):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=args.layers, n_embd=args.width, n_head=8, vocab_size=args.vocab, block_size=64,
+                      arch="llama")
+    model = Transformer(cfg)
+    for b in model.blocks:
+        fully_shard(b)
+    fully_shard(model)
+    return model
+
+
+def measure(args, label, make_opt):
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model = build(args)
+    opt = make_opt(model)
+    idx = torch.randint(0, args.vocab, (2, 64))
+
+    def grads():
+        model.zero_grad()
+        model(idx).float().pow(2).mean().backward()
+
+    grads()
+    opt.step()  # warm-up: state initialisation
+    grads()
+    CommCounter.reset()
+    mode = CommDebugMode()
+    t = time.perf_counter()
+    with DirectCounter() as direct, mode:
+        opt.step()
+    dt = time.perf_counter() - t
+    # CommDebugMode also sees the c10d ops behind our direct calls (allreduce_, alltoall_base_): keep only the
+    # functional collectives DTensor dispatch issues, so nothing is counted twice
+    functional = Counter()
+    for k, v in mode.get_comm_counts().items():
+        name = getattr(k, "__name__", str(k)).split(".")[0]
+        if not name.endswith("_"):
+            functional[name] += v
+    n_matrix = sum(len(g["params"]) for g in opt.param_groups if g.get("matrix", True))
+    return {"label": label, "direct": dict(direct.counts), "functional": dict(functional), "time": dt,
+            "ns_calls": CommCounter.ns_calls, "ns_matrices": CommCounter.ns_matrices, "matrices": n_matrix}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=8192)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    rows = []
+    for name in ("muon", "normuon", "sf-normuon"):
+        rows.append(measure(args, f"lightning-optim {name}", lambda m, n=name: create_optimizer(n, m)))
+
+    def torch_muon(m):
+        mats = [p for g in param_groups(m, split_matrices=True) if g["matrix"] for p in g["params"]]
+        return torch.optim.Muon(mats, lr=0.01, weight_decay=0.0)
+
+    try:
+        rows.append(measure(args, "torch.optim.Muon (matrices only)", torch_muon))
+    except Exception as err:  # noqa: BLE001
+        rows.append({"label": "torch.optim.Muon (matrices only)", "error": f"{type(err).__name__}: {err}".splitlines()[0][:160]})
+        if rank == 0:
+            traceback.print_exc()
+    if rank == 0:
+        lines = ["| optimizer | matrices | collectives / step (per rank) | NS batched calls / matrices (rank 0) | step time rank 0 |",
+                 "|---|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['label']} | | fails: `{r['error']}` | | |")
+                continue
+            comm = {**r["direct"], **{f"{k} (DTensor)": v for k, v in r["functional"].items()}}
+            total = sum(comm.values())
+            desc = ", ".join(f"{k} ×{v}" for k, v in sorted(comm.items())) or "none"
+            ns = f"{r['ns_calls']} / {r['ns_matrices']}" if r["ns_calls"] else f"(per matrix) / {r['matrices']}"
+            lines.append(f"| {r['label']} | {r['matrices']} | {total}: {desc} | {ns} | {r['time'] * 1e3:.0f} ms |")
+        text = (f"FSDP2 (`fully_shard` per block + root), 2 CPU ranks (gloo), GPT {args.layers}×{args.width}, "
+                f"vocab {args.vocab}; one `optimizer.step()` after a warm-up step.\n\n" + "\n".join(lines) + "\n")
+        out = Path(__file__).parent / "results" / "comm_fsdp2.md"
+        out.write_text(text)
+        print(text)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
