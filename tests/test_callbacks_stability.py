@@ -169,3 +169,17 @@ def test_state_dict_round_trip_and_resume(tmp_path):
     check = Check()
     trainer([resumed, check], 22).fit(TinyLM(), loader(), ckpt_path=tmp_path / "a.ckpt")
     assert check.seen == saved and len(saved) == 16
+
+
+def test_fsdp2_clipping_norms_and_nonfinite_shard(tmp_path):
+    run_distributed(HERE / "dist_scripts" / "stab_fsdp2.py", str(tmp_path))
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["nonfinite"] == 1 and r["unchanged"] and r["finite"]
+    rank0 = results[0]
+    assert len(rank0["logged_before"]) == len(rank0["full_norms"]) == 9
+    assert rank0["logged_before"] == pytest.approx(rank0["full_norms"], rel=1e-5)
+    assert all(v <= 0.05 for v in rank0["logged_after"])
+    assert rank0["expected_layer_norms"]
+    for key, value in rank0["expected_layer_norms"].items():
+        assert rank0["logged_layer_norms"][key] == pytest.approx(value, rel=1e-5), key

@@ -17,9 +17,11 @@ model (one hidden size odd, so the shards are uneven):
                  ``OUT_DIR/lightning/<name>.ckpt`` (a full, single-file checkpoint) that the test then resumes
                  in one process.
 
-Every cell's outcome ("ok", "skip: why" or the error) goes to ``OUT_DIR/rank<r>.json``. An exception in one
-optimizer is recorded and the loop goes on; the collectives stay matched because the ranks run the same code
-on the same shapes. The process group has a 90 s timeout so a rank left waiting fails instead of hanging.
+Every cell's outcome ("ok", "skip: why" or the error) goes to ``OUT_DIR/rank<r>.json`` after each optimizer,
+and the optimizer in progress to ``OUT_DIR/current_rank<r>.txt``. An exception in one optimizer is recorded
+and the loop goes on. An optimizer that leaves the ranks' collectives mismatched kills the launch (gloo
+aborts); the test fixture then records it as failed with the log and relaunches for the optimizers after it.
+The process group has a 90 s timeout so a rank left waiting fails instead of hanging.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def main() -> None:
     mesh = init_device_mesh("cpu", (world,))
     results: dict[str, dict[str, str]] = {}
     for name in names:
+        (out / f"current_rank{rank}.txt").write_text(name)  # so a crash can be blamed on the right optimizer
         t0 = time.perf_counter()
         cells = check_optimizer(name, mesh, rank, world, out)
         dist.barrier()
