@@ -1,98 +1,76 @@
 """Step-time cases for the Muon family on the 23M GPT shape (6 layers, width 512, vocab 8192).
 
-``CASES``: one record per measured optimizer, consumed by ``benchmarks/step_time.py`` (which discovers
-``benchmarks/cases_*.py``). Each record: ``name`` (row label), ``family``, ``ours`` (True for lightning-optim,
-False for a peer), ``build(model) -> optimizer``, ``note``. Peers get what they support (torch.optim.Muon:
-the matrix parameters only, as the issue's 478 ms figure). ``python benchmarks/cases_matrix_muon.py`` runs the
-cases stand-alone (2 threads, gradients fixed, optimizer.step() timed) and writes
-``benchmarks/results/step_time_matrix_muon.md``.
+``CASES`` (``Case(label, ours, peers, matrices_only)``) is read by ``benchmarks/step_time.py``, which discovers
+``benchmarks/cases_*.py``. The ``matrices_only`` cases compare with torch.optim.Muon and heavyball's Muon on the
+matrix parameters only (the issue's 478 ms / 483 ms figures); the ``*-hybrid`` cases time the whole model in
+one optimizer object. ``python benchmarks/cases_matrix_muon.py`` runs just these cases through step_time.
 """
 
 from __future__ import annotations
 
 import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_optim import create_optimizer, param_groups  # noqa: E402
+from lightning_optim import create_optimizer  # noqa: E402
 
 
-def _matrices(model):
-    return [p for g in param_groups(model, split_matrices=True) if g["matrix"] for p in g["params"]]
+@dataclass
+class Case:
+    """The record benchmarks/step_time.py reads: ``ours``/``peers`` build an optimizer from a parameter list."""
+
+    label: str
+    ours: Callable[[list], Any]
+    peers: dict[str, Callable[[list], Any]] = field(default_factory=dict)
+    matrices_only: bool = False
 
 
-def _ours(name, matrices_only=False, **hp):
-    def build(model):
-        if matrices_only:
-            return create_optimizer(name, [{"params": _matrices(model), "matrix": True, "name": "matrix"}], **hp)
-        return create_optimizer(name, model, **hp)
+def _ours(name: str, **hp: Any) -> Callable[[list], Any]:
+    """Matrices-only lists route by ndim; whole-model lists (step_time.gpt_params: token and position embeddings
+    first) send the two embeddings and the 1-D parameters to the internal AdamW, as the module rules would."""
+
+    def build(params: list) -> Any:
+        if all(p.ndim == 2 for p in params):
+            return create_optimizer(name, [{"params": params, "matrix": True, "name": "matrix"}], **hp)
+        mats = [p for p in params[2:] if p.ndim == 2]
+        rest = params[:2] + [p for p in params[2:] if p.ndim != 2]
+        return create_optimizer(name, [{"params": mats, "matrix": True, "name": "matrix"},
+                                       {"params": rest, "matrix": False, "name": "no_decay", "weight_decay": 0.0}],
+                                **hp)
+
     return build
 
 
-def _heavyball_muon(model):
+def _torch_muon(params: list) -> Any:
+    return torch.optim.Muon(params, lr=0.01, weight_decay=0.0)
+
+
+def _heavyball_muon(params: list) -> Any:
     import heavyball
 
-    return heavyball.Muon(_matrices(model), lr=0.01)
+    return heavyball.Muon(params, lr=0.01)
 
+
+_PEERS = {"torch.optim.Muon": _torch_muon, "heavyball Muon": _heavyball_muon}
 
 CASES = [
-    {"name": "muon (matrices only)", "family": "matrix", "ours": True, "build": _ours("muon", matrices_only=True),
-     "note": "same parameters as torch.optim.Muon"},
-    {"name": "muon (hybrid, whole model)", "family": "matrix", "ours": True, "build": _ours("muon"), "note": ""},
-    {"name": "d-muon", "family": "matrix", "ours": True, "build": _ours("d-muon"), "note": ""},
-    {"name": "normuon", "family": "matrix", "ours": True, "build": _ours("normuon"), "note": ""},
-    {"name": "sf-normuon", "family": "matrix", "ours": True, "build": _ours("sf-normuon"), "note": ""},
-    {"name": "muon polar_express (matrices only)", "family": "matrix", "ours": True,
-     "build": _ours("muon", matrices_only=True, ns_coefficients="polar_express"), "note": ""},
-    {"name": "torch.optim.Muon (matrices only)", "family": "matrix", "ours": False,
-     "build": lambda m: torch.optim.Muon(_matrices(m), lr=0.01, weight_decay=0.0), "note": "peer"},
-    {"name": "heavyball Muon (matrices only)", "family": "matrix", "ours": False, "build": _heavyball_muon,
-     "note": "peer (needs the bench extra)"},
+    Case("muon", _ours("muon"), dict(_PEERS), matrices_only=True),
+    Case("muon-polar-express", _ours("muon", ns_coefficients="polar_express"), dict(_PEERS), matrices_only=True),
+    Case("normuon", _ours("normuon"), dict(_PEERS), matrices_only=True),
+    Case("sf-normuon", _ours("sf-normuon"), dict(_PEERS), matrices_only=True),
+    Case("muon-hybrid", _ours("muon")),
+    Case("d-muon-hybrid", _ours("d-muon")),
 ]
 
 
-def _model():
-    from lightning_optim.models.gpt import ModelConfig, Transformer
+if __name__ == "__main__":  # the cases alone, through the shared runner
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import step_time
 
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(n_layer=6, n_embd=512, n_head=8, vocab_size=8192, block_size=256, arch="llama"))
-
-
-def main(warmup: int = 2, iters: int = 5) -> str:
-    torch.set_num_threads(2)
-    rows = ["| optimizer | ms / step (median) | vs torch.optim.Muon |", "|---|---|---|"]
-    times = {}
-    for case in CASES:
-        model = _model()
-        try:
-            opt = case["build"](model)
-        except Exception as err:  # noqa: BLE001 (a missing peer is reported, not fatal)
-            times[case["name"]] = None
-            rows.append(f"| {case['name']} | unavailable: {type(err).__name__} | |")
-            continue
-        for p in model.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-        ts = []
-        for i in range(warmup + iters):
-            t = time.perf_counter()
-            opt.step()
-            ts.append(time.perf_counter() - t)
-        times[case["name"]] = sorted(ts[warmup:])[iters // 2]
-    ref = times.get("torch.optim.Muon (matrices only)")
-    rows = rows[:2] + [
-        f"| {n} | {t * 1e3:.0f} | {t / ref:.2f}× |" if t and ref else f"| {n} | {'—' if t is None else f'{t * 1e3:.0f}'} | |"
-        for n, t in times.items()]
-    text = ("Step time of `optimizer.step()` on the 23M GPT shape (6×512, vocab 8192, Llama-style), "
-            f"{torch.get_num_threads()} CPU threads, median of {iters} after {warmup} warm-up steps.\n\n" + "\n".join(rows) + "\n")
-    out = Path(__file__).parent / "results" / "step_time_matrix_muon.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
-    return text
-
-
-if __name__ == "__main__":
-    print(main())
+    step_time.main(["--only", ",".join(c.label for c in CASES), "--threads", "2",
+                    "--out", str(Path(__file__).parent / "results" / "step_time_matrix_muon")])
