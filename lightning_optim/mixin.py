@@ -195,10 +195,14 @@ class OptimizerMixin:
         config = self.optim_config()
         spec = get_optimizer_spec(config.name)
         groups = self.optimizer_param_groups(config, split_matrices=spec.hybrid)
-        optimizer = create_optimizer(config.name, groups, **config.optimizer_kwargs())
+        hyperparameters = config.optimizer_kwargs()
+        horizon = self._optim_horizon(config)
+        for name in spec.horizon_hyperparameters:  # e.g. AdEMAMix's alpha/beta3 warmups = the run's length
+            if hyperparameters.get(name, spec.defaults.get(name)) is None and horizon is not None:
+                hyperparameters[name] = horizon
+        optimizer = create_optimizer(config.name, groups, **hyperparameters)
         scheduler = create_scheduler(
-            config.scheduler, optimizer, self._optim_horizon(config), config.warmup_steps,
-            **config.scheduler_kwargs(),
+            config.scheduler, optimizer, horizon, config.warmup_steps, **config.scheduler_kwargs(),
         )
         if scheduler.schedule.total_steps is None:
             scheduler.total_steps_fn = self._estimated_total_steps

@@ -91,7 +91,9 @@ class OptimizerSpec:
     hyperparameter with its published default (the unknown-name check reads it). ``state`` is the state
     per parameter under the main rule; for hybrids ``other_state`` is the state of parameters routed to the
     internal AdamW. ``callbacks`` are ``"module:Class"`` paths the :class:`~lightning_optim.OptimizerMixin`
-    adds to the Trainer (schedule-free switching, Sophia's Hessian pass).
+    adds to the Trainer (schedule-free switching, Sophia's Hessian pass). ``horizon_hyperparameters`` name
+    hyperparameters whose published setting is "the run's length" (AdEMAMix's warmups): the mixin sets them
+    to the schedule's total steps when the user left them ``None``.
     """
 
     name: str
@@ -110,6 +112,7 @@ class OptimizerSpec:
     schedule_free: bool = False
     requires: str | None = None
     accepts_extra: bool = False
+    horizon_hyperparameters: tuple[str, ...] = ()
 
     def state_numel(self, shape: Iterable[int], is_matrix: bool = True) -> float:
         """State elements for a parameter of ``shape`` (routed as a matrix or not, for hybrids)."""
@@ -308,7 +311,10 @@ def _check_value(field_name: str, value: Any) -> None:
             raise ValueError(f"{field_name} must not be NaN")
         return v
 
-    if leaf == "lr" or leaf.endswith("_lr"):
+    if leaf.endswith(("_steps", "_interval", "_frequency", "_warmup")):  # counts, not rates (beta3_warmup)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{field_name} must be >= 0, got {value}")
+    elif leaf == "lr" or leaf.endswith("_lr"):
         if number(value) < 0:
             raise ValueError(f"{field_name} must be >= 0 (a negative learning rate ascends the loss), got {value}")
     elif leaf == "betas" or leaf.endswith("_betas"):
@@ -333,9 +339,6 @@ def _check_value(field_name: str, value: Any) -> None:
             raise ValueError(f"{field_name} must be > 0, got {value}")
     elif leaf == "weight_decay" or leaf.endswith("_weight_decay"):
         if number(value) < 0:
-            raise ValueError(f"{field_name} must be >= 0, got {value}")
-    elif leaf.endswith("_steps") or leaf.endswith("_interval") or leaf.endswith("_frequency"):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ValueError(f"{field_name} must be >= 0, got {value}")
 
 

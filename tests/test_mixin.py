@@ -144,3 +144,14 @@ def test_lightning_cli_configures_the_module(tmp_path):
     sched = cli.trainer.lr_scheduler_configs[0].scheduler
     assert sched.last_epoch == 6 and sched.schedule.decay_start == 3  # the last half of 6 steps
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.0  # wsd ends at final_fraction 0
+
+
+def test_horizon_hyperparameters_are_filled_from_the_schedule(tmp_path):
+    model = Tiny(OptimConfig(name="ademamix", scheduler="cosine"))
+    trainer(tmp_path, max_steps=3, enable_checkpointing=False).fit(model)
+    group = model.trainer.optimizers[0].param_groups[0]
+    assert group["alpha_warmup"] == 3 and group["beta3_warmup"] == 3  # the benchmark's "warmups = total steps"
+    explicit = Tiny(OptimConfig(name="ademamix", extra={"alpha_warmup": 100, "beta3_warmup": 0}))
+    trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(explicit)
+    group = explicit.trainer.optimizers[0].param_groups[0]
+    assert group["alpha_warmup"] == 100 and group["beta3_warmup"] == 0

@@ -168,3 +168,12 @@ def test_specs_are_small_records():
     assert spec.state.numel((3, 4)) == 24 and spec.paper and spec.reference
     assert lo.optimizer_info("adafactor").state.numel((3, 4)) == 7  # 3 row + 4 column factors
     pickle.dumps(spec.defaults)  # plain data
+
+
+def test_warmup_counts_are_not_checked_as_betas():
+    opt = lo.create_optimizer("ademamix", tiny(), beta3_warmup=1000, alpha_warmup=1000)
+    assert opt.param_groups[0]["beta3_warmup"] == 1000
+    with pytest.raises(ValueError, match="beta3_warmup must be >= 0"):
+        lo.create_optimizer("ademamix", tiny(), beta3_warmup=-1)
+    with pytest.raises(ValueError, match=r"beta3 must be in \[0, 1\)"):
+        lo.create_optimizer("ademamix", tiny(), beta3=1.0)

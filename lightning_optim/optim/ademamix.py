@@ -13,7 +13,9 @@ State 3×P (``exp_avg``, ``exp_avg_slow``, ``exp_avg_sq``). Defaults (best 124M 
 
 ``alpha_warmup`` / ``beta3_warmup`` default to ``None`` = no warmup (the reference's default, since an
 optimizer does not know the run's length). The benchmark's best setting uses warmups equal to the total
-number of steps: pass ``alpha_warmup=T, beta3_warmup=T`` (``--optim.extra '{alpha_warmup: T, ...}'``).
+number of steps: :class:`~lightning_optim.OptimizerMixin` fills both with the schedule's horizon when they
+are left ``None`` (``horizon_hyperparameters`` in the spec); with :func:`create_optimizer` pass
+``alpha_warmup=T, beta3_warmup=T`` yourself.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class AdEMAMix(ElementwiseOptimizer):
     paper="Pagliardini, Ablin & Grangier 2024, The AdEMAMix Optimizer (arXiv 2409.03137)",
     reference="apple/ml-ademamix pytorch/ademamix.py",
     description="AdamW plus a slow EMA of the gradient (β3) mixed in with weight α",
+    horizon_hyperparameters=("alpha_warmup", "beta3_warmup"),
 )
 def ademamix(params: list[dict[str, Any]], **hp: Any) -> AdEMAMix:
     return AdEMAMix(params, **hp)
