@@ -17,3 +17,8 @@ from lightning_optim.optim import sf_adamw  # noqa: F401
 from lightning_optim.optim import adamw8bit  # noqa: F401
 
 # matrix family (issue 4): one import line per module
+from lightning_optim.optim import soap  # noqa: F401  soap
+from lightning_optim.optim import sophia  # noqa: F401  sophia (sophia-g)
+from lightning_optim.optim import muon  # noqa: F401  muon d-muon
+from lightning_optim.optim import normuon  # noqa: F401  normuon
+from lightning_optim.optim import sf_normuon  # noqa: F401  sf-normuon
