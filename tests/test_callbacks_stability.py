@@ -177,8 +177,10 @@ def test_fsdp2_clipping_norms_and_nonfinite_shard(tmp_path):
     for r in results:
         assert r["nonfinite"] == 1 and r["unchanged"] and r["finite"]
     rank0 = results[0]
-    assert len(rank0["logged_before"]) == len(rank0["full_norms"]) == 9
-    assert rank0["logged_before"] == pytest.approx(rank0["full_norms"], rel=1e-5)
+    # step 6 (NaN on rank 1's shard): the guard ran first and zeroed the gradients of the dropped step
+    logged = rank0["logged_before"][:6] + rank0["logged_before"][7:]
+    assert len(logged) == len(rank0["full_norms"]) == 9
+    assert logged == pytest.approx(rank0["full_norms"], rel=1e-5)
     assert all(v <= 0.05 for v in rank0["logged_after"])
     assert rank0["expected_layer_norms"]
     for key, value in rank0["expected_layer_norms"].items():

@@ -16,8 +16,8 @@ reports each parameter). On a logging step:
   squared norms of the local gradients, weights and the optimizer's per-parameter state tensors named in
   ``state_keys`` that are present (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer`` by default) come from one
   ``torch._foreach_norm`` each; a copy of the weights is kept for this step only.
-- right after the optimizer step (a step post-hook): the squared norms of ``w_after - w_before``.
-- ``on_train_batch_end``: the per-parameter squared norms are summed per layer with ``index_add_`` on device,
+- ``on_train_batch_end`` (after the step, and after a skip or rollback restored the weights): the squared
+  norms of ``w_after - w_before``; then the per-parameter squared norms are summed per layer with ``index_add_`` on device,
   stacked into one matrix, summed across ranks with one ``all_reduce`` when the parameters are sharded (FSDP2
   local shards; FSDP1 flat shards; DDP needs none: everything is replicated), brought to the host once, and
   written to every logger on rank zero (``logger.log_metrics``), with optional TensorBoard histograms of the
@@ -70,7 +70,6 @@ class LayerNormMonitor(Callback):
         self._index: LayerIndex | None = None
         self._pending: dict[str, Tensor] | None = None
         self._before: list[Tensor] | None = None
-        self._hooked: set[int] = set()
         self._step = -1
 
     def state_dict(self) -> dict[str, Any]:
@@ -81,10 +80,6 @@ class LayerNormMonitor(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._index = LayerIndex(pl_module, by=self.group_by)
-        for opt in trainer.optimizers:
-            if id(opt) not in self._hooked:
-                opt.register_step_post_hook(self._after_step)
-                self._hooked.add(id(opt))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         self._step = trainer.global_step
@@ -116,19 +111,14 @@ class LayerNormMonitor(Callback):
             self._before = [local(p.detach()).clone() for p in params]
         self._pending = pending
 
-    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._pending is None or self._before is None:
-            return
-        with torch.no_grad():
-            diffs = torch._foreach_sub([local(p.detach()) for p in self._index.params], self._before)
-            self._pending["update"] = squared_norms(diffs)
-        self._before = None
-
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         pending, self._pending = self._pending, None
-        self._before = None
+        before, self._before = self._before, None
         if pending is None:
             return
+        with torch.no_grad():  # after the step (and after any restore by a skip or a rollback)
+            pending["update"] = squared_norms(torch._foreach_sub([local(p.detach()) for p in self._index.params],
+                                                                 before))
         params = self._index.params
         kinds = list(pending)
         device = pending["grad"].device

@@ -88,8 +88,8 @@ def main(out: Path) -> None:
     guard = NonFiniteGuard()
     logger = MetricsLogger()
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
-    # the probe sees the gradients first (before clipping), then the guard, the clipping and the monitor
-    t = trainer([probe, guard, GradientClipping(max_norm=MAX_NORM), monitor], 10, devices=2, strategy=strategy,
+    # the probe sees the gradients first, then the guard and the monitor (before clipping), then the clipping
+    t = trainer([probe, guard, monitor, GradientClipping(max_norm=MAX_NORM)], 10, devices=2, strategy=strategy,
                 logger=logger, log_every_n_steps=1)
     t.fit(model, loader(batch_size=8))
     rank = t.global_rank
