@@ -112,10 +112,13 @@ class LanguageModel(OptimizerMixin, L.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
-        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        # No tensor parallelism here: the whole mesh is the FSDP mesh. ModelParallelStrategy's "auto" sizes give
+        # (data_parallel=nodes, tensor_parallel=devices per node): a 2-D mesh = HSDP, sharded within a node and
+        # replicated across nodes; a 1-D mesh = plain FSDP.
+        fsdp_mesh = mesh if mesh.ndim == 1 or mesh.size(0) > 1 else mesh[mesh.mesh_dim_names[-1]]
         for block in self.model.blocks:
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(self.model, mesh=dp_mesh)  # embeddings, tied head and the final norm in the root unit
+            fully_shard(block, mesh=fsdp_mesh)
+        fully_shard(self.model, mesh=fsdp_mesh)  # embeddings, tied head and the final norm in the root unit
 
     # -- steps -----------------------------------------------------------------------------------------------------
 
