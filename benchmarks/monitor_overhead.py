@@ -154,6 +154,7 @@ def run(config: str, steps: int, warmup: int, device: str) -> dict:
 
 
 def main() -> None:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
@@ -164,7 +165,6 @@ def main() -> None:
     parser.add_argument("--configs", default="baseline,monitor@50,monitor@1,stability")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    global BATCH
     BATCH = args.batch
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,6 +13,7 @@ _EXPORTS = {
     "GradientClipping": "lightning_optim.callbacks.gradient_clipping",
     "ZLoss": "lightning_optim.callbacks.z_loss",
     "LayerNormMonitor": "lightning_optim.callbacks.layer_norms",
+    "TrainingUnstableError": "lightning_optim.callbacks._decisions",
 }
 
 __all__ = sorted(_EXPORTS)
