@@ -297,7 +297,7 @@ scheduler_info = get_scheduler_spec
 
 def _check_value(field_name: str, value: Any) -> None:
     """Range checks implied by a hyperparameter's name (``lr``, ``*_lr``, ``betas``, ``eps``, ...)."""
-    if value is None:
+    if value is None or isinstance(value, str):  # modes such as adjust_lr="match_rms_adamw" are not rates
         return
     leaf = field_name.split(".")[-1]
 

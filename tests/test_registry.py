@@ -177,3 +177,9 @@ def test_warmup_counts_are_not_checked_as_betas():
         lo.create_optimizer("ademamix", tiny(), beta3_warmup=-1)
     with pytest.raises(ValueError, match=r"beta3 must be in \[0, 1\)"):
         lo.create_optimizer("ademamix", tiny(), beta3=1.0)
+
+
+def test_string_modes_ending_in_lr_are_not_rates():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    opt = lo.create_optimizer("muon", model, adjust_lr="match_rms_adamw")
+    assert any(g.get("adjust_lr") == "match_rms_adamw" for g in opt.param_groups)
