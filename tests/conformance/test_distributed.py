@@ -45,7 +45,7 @@ def fsdp2_run(tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
     remaining = [n for n in registered_optimizers() if missing_dependency(n) is None]
     merged: dict[str, dict[str, str]] = {}
     while remaining:
-        for f in out.glob("*.json"):
+        for f in [*out.glob("*.json"), *out.glob("current_rank*.txt")]:
             f.unlink()
         crash = None
         try:
@@ -58,7 +58,12 @@ def fsdp2_run(tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
             break
         current = {(out / f"current_rank{r}.txt").read_text() for r in (0, 1)
                    if (out / f"current_rank{r}.txt").exists()}
-        culprit = next((n for n in remaining if n in current), remaining[0])
+        culprit = next((n for n in remaining if n in current), None)
+        if culprit is None:  # died before any optimizer started (an import error ...): nobody to blame
+            for n in remaining:
+                merged[n] = {c: f"FAILED: the FSDP2 launch died before checking any optimizer:\n{crash[-4000:]}"
+                             for c in ("straight", "full", "sharded", "lightning")}
+            break
         merged[culprit] = {c: f"FAILED: the FSDP2 launch died during {culprit!r}:\n{crash[-4000:]}"
                            for c in ("straight", "full", "sharded", "lightning")}
         remaining = remaining[remaining.index(culprit) + 1:]
