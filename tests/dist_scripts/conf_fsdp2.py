@@ -99,7 +99,9 @@ def check_optimizer(name: str, mesh, rank: int, world: int, out: Path) -> dict[s
         msg = "ok"
         if bad:
             msg = f"non-finite after {2 * K} FSDP2 steps: {bad[:5]}"
-        elif rank == 0:
+        else:
+            # every rank runs the one-process reference (same full batch): optimizers that coordinate plain,
+            # replicated tensors over the default process group (DDP-style matrix work split) stay matched
             single = make_model(0)
             sopt = build(name, single)
             ssched = lo.create_scheduler("cosine", sopt, total_steps=2 * K, warmup_steps=WARMUP)
