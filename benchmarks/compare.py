@@ -400,15 +400,14 @@ def write_table(records: list[dict[str, Any]], cfg: CompareConfig, config_name: 
 
 
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (a notebook's) alone
 
     ok = sorted([r for r in records if r.get("val")], key=lambda r: r["final_val_loss"] if math.isfinite(
         r["final_val_loss"]) else 1e9)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    cmap = plt.get_cmap("tab20")
+    fig = Figure(figsize=(13, 5))
+    axes = fig.subplots(1, 2, sharey=True)
+    cmap = colormaps["tab20"]
     finals = [r["final_val_loss"] for r in ok if math.isfinite(r["final_val_loss"])]
     for i, r in enumerate(ok):
         xs_tok = [v["tokens"] / 1e6 for v in r["val"]]
@@ -429,7 +428,6 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------------
