@@ -24,7 +24,7 @@ completes the missing runs only (``--rerun`` forces them all; ``--retry-failed``
 pure function of (data seed, step), so every optimizer sees the same batches in the same order and is
 evaluated on the same validation windows. Each optimizer uses its registered defaults (the published best
 settings at 124M, see ALGORITHMS.md) with the config's warmup, gradient clipping and schedule;
-schedule-free optimizers run with a constant schedule (warmup only). WSD runs use ``wsd_lr_scale`` × the
+schedule-free optimizers run with a constant schedule and their own warmup set to the config's. WSD runs use ``wsd_lr_scale`` × the
 peak lr (the benchmark runs WSD at half the cosine peak).
 
 Columns: final and best validation loss; training throughput in tokens/s (wall-clock of the training steps,
@@ -265,8 +265,13 @@ def run_one(cfg: CompareConfig, optimizer: str, schedule: str, out_dir: Path) ->
     if schedule == "wsd" and lr is not None:
         lr = lr * cfg.wsd_lr_scale
     steps, warmup = cfg.steps, cfg.warmup_steps
+    extra: dict[str, Any] = {}
+    if spec.schedule_free and "warmup_steps" in spec.defaults:
+        # the optimizer warms up itself (its default is the benchmark's 2000 steps): give it the run's warmup
+        # and no external warmup on top
+        extra["warmup_steps"], warmup = warmup, 0
     optim = OptimConfig(name=optimizer, scheduler=schedule, warmup_steps=warmup, total_steps=steps,
-                        lr=lr if schedule == "wsd" else None)
+                        lr=lr if schedule == "wsd" else None, extra=extra)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = dict(cfg.data)
@@ -305,6 +310,7 @@ def run_one(cfg: CompareConfig, optimizer: str, schedule: str, out_dir: Path) ->
         "fingerprint": cfg.fingerprint(), "config": dataclasses.asdict(cfg),
         "steps": trained_steps, "tokens": trained_steps * cfg.tokens_per_step, "warmup_steps": warmup,
         "n_params": sum(p.numel() for p in model.parameters()),
+        "optimizer_warmup_steps": extra.get("warmup_steps"),
         "final_val_loss": vals[-1] if vals else float("nan"), "best_val_loss": min(finite) if finite else float("nan"),
         "tokens_per_s": trained_steps * cfg.tokens_per_step / max(recorder.train_time, 1e-9),
         "train_time_s": recorder.train_time, "wall_s": wall, "peak_memory_bytes": peak.read(),
