@@ -93,7 +93,9 @@ class OptimizerSpec:
     internal AdamW. ``callbacks`` are ``"module:Class"`` paths the :class:`~lightning_optim.OptimizerMixin`
     adds to the Trainer (schedule-free switching, Sophia's Hessian pass). ``horizon_hyperparameters`` name
     hyperparameters whose published setting is "the run's length" (AdEMAMix's warmups): the mixin sets them
-    to the schedule's total steps when the user left them ``None``.
+    to the schedule's total steps when the user left them ``None``. ``supports_dtensor=False`` makes
+    :func:`create_optimizer` refuse FSDP2 ``DTensor`` parameters at construction, with ``dtensor_note`` saying
+    why and what to use instead.
     """
 
     name: str
@@ -113,6 +115,8 @@ class OptimizerSpec:
     requires: str | None = None
     accepts_extra: bool = False
     horizon_hyperparameters: tuple[str, ...] = ()
+    supports_dtensor: bool = True
+    dtensor_note: str = ""
 
     def state_numel(self, shape: Iterable[int], is_matrix: bool = True) -> float:
         """State elements for a parameter of ``shape`` (routed as a matrix or not, for hybrids)."""
@@ -405,6 +409,20 @@ def _as_param_groups(params_or_module: Any, spec: OptimizerSpec) -> list[dict[st
     return groups
 
 
+def _refuse_dtensor(spec: OptimizerSpec, groups: list[dict[str, Any]]) -> None:
+    from torch.distributed.tensor import DTensor
+
+    for gi, g in enumerate(groups):
+        names = g.get("param_names") or [None] * len(g["params"])
+        for pi, (p, pname) in enumerate(zip(g["params"], names)):
+            if isinstance(p, DTensor):
+                where = repr(pname) if pname else f"group {gi} item {pi}"
+                raise ValueError(
+                    f"optimizer {spec.name!r} does not support FSDP2 DTensor parameters (parameter {where}): "
+                    f"{spec.dtensor_note or 'it has no sharded implementation'}"
+                )
+
+
 def create_optimizer(name: str, params_or_module: Any, **hyperparameters: Any) -> torch.optim.Optimizer:
     """Build the optimizer ``name`` over a module (default grouping rules) or parameters / groups.
 
@@ -416,6 +434,8 @@ def create_optimizer(name: str, params_or_module: Any, **hyperparameters: Any) -
     spec = get_optimizer_spec(name)
     validate_hyperparameters(spec, hyperparameters)
     groups = _as_param_groups(params_or_module, spec)
+    if not spec.supports_dtensor:
+        _refuse_dtensor(spec, groups)
     hp = {k: v for k, v in {**spec.defaults, **hyperparameters}.items()}
     if spec.family == "external":  # pass only what the user gave; the class has its own defaults
         hp = dict(hyperparameters)

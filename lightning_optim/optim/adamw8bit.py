@@ -25,6 +25,11 @@ from lightning_optim.registry import StateLayout, register_optimizer
     description="AdamW with block-wise 8-bit moments (bitsandbytes; optional extra 'bnb')",
     aliases=("adamw-8bit", "bnb-adamw8bit"),
     requires="bnb",
+    supports_dtensor=False,
+    dtensor_note=(
+        "bitsandbytes' 8-bit kernels have no DTensor sharding strategy; use DDP, or torchao's 8-bit AdamW "
+        "(torchao.optim.AdamW8bit, FSDP2-friendly) through its class path"
+    ),
 )
 def adamw8bit(params: list[dict[str, Any]], **hp: Any):
     import bitsandbytes as bnb  # ImportError → the registry names the extra

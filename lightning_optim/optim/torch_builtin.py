@@ -114,6 +114,11 @@ def _adafactor_factors(shape: tuple[int, ...]) -> int:
     paper="Shazeer & Stern 2018, Adafactor: Adaptive Learning Rates with Sublinear Memory Cost (arXiv 1804.04235)",
     reference=f"torch.optim.Adafactor ({_TORCH}/_adafactor.py)",
     description="factored second moment, relative step size capped by lr (lr is honoured)",
+    supports_dtensor=False,
+    dtensor_note=(
+        "torch.optim.Adafactor's in-place row/column factor updates fail on row-sharded DTensors "
+        "(aten.pow_ on a _NormPartial placement); use DDP, or adamw/lion/muon under FSDP2"
+    ),
 )
 def adafactor(params: list[dict[str, Any]], **hp: Any):
     return torch.optim.Adafactor(params, **hp)

@@ -86,6 +86,17 @@ def check_optimizer(name: str, mesh, rank: int, world: int, out: Path) -> dict[s
     )
 
     cells: dict[str, str] = {}
+    if not lo.optimizer_info(name).supports_dtensor:  # the guarantee is then a clear refusal at construction
+        try:
+            setup(name, 0, mesh)
+        except ValueError as err:
+            ok = "DTensor" in str(err) and name in str(err)
+            msg = f"skip: refuses FSDP2 DTensor parameters at construction (checked): {err}" if ok else f"FAILED: unclear refusal: {err}"
+        except ImportError as err:
+            msg = f"skip: optional dependency missing: {err}"
+        else:
+            msg = "FAILED: declares supports_dtensor=False but built on DTensor parameters without refusing"
+        return {c: msg for c in ("straight", "full", "sharded", "lightning")}
     try:
         model, opt, sched = setup(name, 0, mesh)
     except ImportError as err:
