@@ -185,3 +185,20 @@ def test_fsdp2_clipping_norms_and_nonfinite_shard(tmp_path):
     assert rank0["expected_layer_norms"]
     for key, value in rank0["expected_layer_norms"].items():
         assert rank0["logged_layer_norms"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_rollback_from_last_checkpoint(tmp_path):
+    L.seed_everything(0)
+    model = TinyLM(inject={"kind": "loss", "step": 45})
+    detector = LossSpikeDetector(action="rollback", window=16, rollback_source="checkpoint")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=20, save_last=True, save_top_k=-1)
+    probe = Probe([45])
+    t = trainer([detector, ckpt, probe], 47, enable_checkpointing=True)
+    with pytest.warns(RuntimeWarning, match="rollback"):
+        t.fit(model, loader())
+    saved = torch.load(tmp_path / "epoch=0-step=40.ckpt", weights_only=False)
+    weights_after_rollback = probe.after[45][0]
+    for name, value in saved["state_dict"].items():
+        assert torch.equal(weights_after_rollback[name], value), name
+    assert detector.rollbacks == 1
+    assert t.lr_scheduler_configs[0].scheduler.base_lrs[0] == pytest.approx(1e-2 * 0.7)
