@@ -77,7 +77,7 @@ class StateLayout:
     def describe(self) -> str:
         text = "0" if not self.tensors else f"{self.tensors:g}×P"
         if self.extra is not None:
-            text += " + " + (getattr(self.extra, "__doc__", None) or "shape-dependent").strip()
+            text += " + " + (getattr(self.extra, "__doc__", None) or "shape-dependent").strip().lstrip("+ ")
         if self.bytes_per_element is not None:
             text += f" @ {self.bytes_per_element:g} B/elem"
         return text
