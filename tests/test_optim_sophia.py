@@ -207,21 +207,29 @@ def test_lightning_clear_error_without_protocol():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_identical_replicas(tmp_path: Path):
-    """SOAP and Sophia under Lightning DDP (2 processes): both replicas end bit-identical and Sophia's Hessian
-    pass (with its own gradient all-reduce) runs after the same steps on both ranks.
-
-    TODO: the comparison with a single-process run of the same global batch is not asserted yet: with this
-    harness even AdamW differs from the single-process run by ~0.07 after 6 steps, so the harness (data split
-    or initialisation under Lightning DDP), not the optimizers, is the open question."""
+def test_ddp_two_processes_equal_single_process(tmp_path: Path):
+    """SOAP and Sophia under Lightning DDP (2 processes) against one process on the same global batches: both
+    replicas bit-identical, Sophia's Hessian pass (with its own gradient all-reduce) after the same steps, and
+    the weights equal to the single-process ones within tolerance (the two ranks' gradients are summed in a
+    different order; see the bounds below). SOAP runs with max_precond_dim=16 so every factor it keeps is full rank from the first
+    step: a rank-deficient factor's null-space eigenvectors are decided by rounding noise, which would turn a
+    one-ulp gradient difference into a different (equally valid) basis."""
+    from tests.dist_scripts.soap_common import fit
     from tests.dist_utils import run_distributed
 
     script = Path(__file__).parent / "dist_scripts" / "soap_ddp.py"
     run_distributed(script, str(tmp_path), nprocs=2, timeout=300)
-    for name, passes in (("soap", []), ("sophia", [5, 10])):
+    for name, extra, passes in (("soap", {"precondition_frequency": 3, "max_precond_dim": 16}, []),
+                                ("sophia", {"hessian_interval": 5}, [5, 10])):
         r0 = torch.load(tmp_path / f"{name}_rank0.pt", weights_only=True)
         r1 = torch.load(tmp_path / f"{name}_rank1.pt", weights_only=True)
+        single, hess = fit(name, 12, world=1, **extra)
         if name == "sophia":
-            assert r0["passes"] == r1["passes"] == passes
-        for k, v in r0["weights"].items():
-            assert torch.equal(v, r1["weights"][k]), (name, k)
+            assert r0["passes"] == r1["passes"] == hess.passes == passes
+        for k, v in single.state_dict().items():
+            assert torch.equal(r0["weights"][k], r1["weights"][k]), (name, k)
+            # Sophia: float32 rounding (measured ≤ 6e-7). SOAP: per-coordinate Adam normalisation in the rotated
+            # basis turns one-ulp differences of small rotated components into O(1) relative ones there; measured
+            # ≤ 3.3e-3 after 12 steps at lr 1e-2, so the bound is half a step (lr/2), far below a real bug's size.
+            atol = 5e-3 if name == "soap" else 1e-5
+            torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=atol, msg=f"{name} {k}")

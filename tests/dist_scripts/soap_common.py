@@ -1,12 +1,13 @@
 """A tiny language model (implements the logits protocol) and a Lightning fit shared by the SOAP / Sophia tests
 and the torchrun script ``soap_ddp.py``: the same data, model and hyperparameters in 1 or 2 processes.
 
-Rank ``r`` of ``world`` sees rows ``r::world`` of each global batch (Lightning's DistributedSampler with
-``shuffle=False``), so the global batch, and the mean loss, are the same for any world size.
+Rank ``r`` of ``world`` sees rows ``r::world`` of each global batch (split here, with Lightning's distributed
+sampler off), so the global batch, and the mean loss, are the same for any world size.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -49,11 +50,12 @@ class TinyLM(OptimizerMixin, L.LightningModule):
         return F.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1))
 
 
-def dataset(steps: int) -> TensorDataset:
+def dataset(steps: int, rank: int = 0, world: int = 1) -> TensorDataset:
+    """Rows ``rank::world`` of the global data: per step, rank r's batch is rows r::world of the global batch."""
     g = torch.Generator().manual_seed(123)
     idx = torch.randint(0, VOCAB, (steps * GLOBAL_BATCH, SEQ), generator=g)
     tgt = torch.randint(0, VOCAB, (steps * GLOBAL_BATCH, SEQ), generator=g)
-    return TensorDataset(idx, tgt)
+    return TensorDataset(idx[rank::world], tgt[rank::world])
 
 
 def argmax_labels(logits: torch.Tensor) -> torch.Tensor:
@@ -69,8 +71,9 @@ def fit(name: str, steps: int, world: int = 1, strategy: Any = "auto", **extra: 
     trainer = L.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[hess],
-        use_distributed_sampler=True,
+        use_distributed_sampler=False,  # Lightning's sampler would shuffle; the split is done by dataset()
     )
-    loader = DataLoader(dataset(steps), batch_size=GLOBAL_BATCH // world, shuffle=False)
+    rank = int(os.environ.get("RANK", 0)) if world > 1 else 0
+    loader = DataLoader(dataset(steps, rank, world), batch_size=GLOBAL_BATCH // world, shuffle=False)
     trainer.fit(model, loader)
     return model, hess
