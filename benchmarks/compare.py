@@ -452,8 +452,12 @@ def compare(
     tokens: int | None = None,
     val_every: int | None = None,
     verbose: bool = True,
+    name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the comparison (skipping finished runs), then write the table and the PNG. Returns the records."""
+    """Run the comparison (skipping finished runs), then write the table and the PNG. Returns the records.
+
+    ``name`` names the output directory and the results files (default: the config's name, with the token
+    budget appended when ``tokens`` or ``val_every`` change it)."""
     if isinstance(config, str):
         config_name, cfg = config, dataclasses.replace(CONFIGS[config])
     else:
@@ -462,6 +466,10 @@ def compare(
         cfg = dataclasses.replace(cfg, tokens=int(tokens))
     if val_every is not None:
         cfg = dataclasses.replace(cfg, val_every_n_steps=int(val_every))
+    if name:
+        config_name = name
+    elif tokens is not None or val_every is not None:
+        config_name = f"{config_name}-{cfg.steps}steps"
     out = Path(out_dir) if out_dir else ROOT / "benchmarks" / "out" / f"compare-{config_name}"
     results = Path(results_dir) if results_dir else ROOT / "benchmarks" / "results"
     runs_dir = out / "runs"
@@ -513,23 +521,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="run everything again")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs that raised")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    parser.add_argument("--name", default=None, help="names the output directory and results files")
     parser.add_argument("--list", action="store_true", help="print the planned runs and which are done")
     args = parser.parse_args(argv)
     if args.list:
         cfg = CONFIGS[args.config]
+        name = args.name or args.config
         if args.tokens:
             cfg = dataclasses.replace(cfg, tokens=int(args.tokens))
         if args.val_every:
             cfg = dataclasses.replace(cfg, val_every_n_steps=args.val_every)
-        out = Path(args.out_dir) if args.out_dir else ROOT / "benchmarks" / "out" / f"compare-{args.config}"
+        if (args.tokens or args.val_every) and not args.name:
+            name = f"{args.config}-{cfg.steps}steps"
+        out = Path(args.out_dir) if args.out_dir else ROOT / "benchmarks" / "out" / f"compare-{name}"
         done = load_done(out / "runs", cfg)
         for p in plan_runs(cfg, args.optimizers, args.schedules):
             print(f"{run_id(*p):<30} {'done' if run_id(*p) in done else 'to run'}")
         return 0
-    compare(args.config, args.optimizers, args.schedules, args.out_dir, args.results_dir, args.rerun,
-            args.retry_failed, args.max_runs, int(args.tokens) if args.tokens else None, args.val_every)
+    records = compare(args.config, args.optimizers, args.schedules, args.out_dir, args.results_dir, args.rerun,
+                      args.retry_failed, args.max_runs, int(args.tokens) if args.tokens else None, args.val_every,
+                      name=args.name)
     results = Path(args.results_dir) if args.results_dir else ROOT / "benchmarks" / "results"
-    print((results / f"compare-{args.config}.md").read_text())
+    table = sorted(results.glob("compare-*.md"), key=lambda p: p.stat().st_mtime)
+    if records and table:
+        print(table[-1].read_text())
     return 0
 
 
