@@ -154,6 +154,17 @@ def test_quantised_state_follows_the_min_8bit_size_rule() -> None:
     assert estimate_memory("adamw8bit", shapes=[small]).state_total == 2 * 4 * (threshold - 1)
     assert estimate_memory("adamw8bit", shapes=[large]).state_total == pytest.approx(
         2 * threshold * 4 * spec.state.bytes_per_element)
+    # measured on a model with quantised (>= min_8bit_size) and 32-bit (1-D) parameters: equal up to the two
+    # 256-entry float32 quantisation maps every parameter shares
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.LayerNorm(256), nn.Linear(256, 64))
+    try:
+        opt = lo.create_optimizer("adamw8bit", model)
+    except ImportError as err:
+        pytest.skip(f"bitsandbytes is not installed: {err}")
+    model(torch.randn(4, 256)).pow(2).mean().backward()
+    opt.step()
+    assert measure_state_bytes(opt) - estimate_memory("adamw8bit", module=model).state_total == 2 * 256 * 4
 
 
 def test_measure_counts_each_storage_once_and_ignores_step_counters() -> None:
