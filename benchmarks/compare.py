@@ -372,7 +372,7 @@ def write_table(records: list[dict[str, Any]], cfg: CompareConfig, config_name: 
         f"{cfg.steps * cfg.tokens_per_step:,} tokens, warmup {cfg.warmup_steps}, clip {cfg.grad_clip}, seed {cfg.seed}, "
         f"data {json.dumps(cfg.data)}. Same initialisation and batches for every run; each optimizer at its "
         f"registered defaults; WSD at {cfg.wsd_lr_scale}× peak lr; schedule-free optimizers with a constant "
-        "schedule. Sorted by final validation loss.",
+        "schedule and their own warmup set to the run's. Sorted by final validation loss.",
         "",
         "| # | optimizer | schedule | lr | final val loss | best val loss | tokens/s | peak memory | "
         "optimizer state (measured / estimated) | skipped steps | status |",
@@ -393,7 +393,8 @@ def write_table(records: list[dict[str, Any]], cfg: CompareConfig, config_name: 
     failed = [r for r in records if "final_val_loss" not in r]
     for r in failed:
         lines.append(f"| – | {r['optimizer']} | {r['schedule']} | – | – | – | – | – | – | – | {r['status']} |")
-    lines += ["", f"Peak memory: {mem_kind}. tokens/s: training steps only (validation excluded)."]
+    lines += ["", f"Peak memory: {mem_kind}. tokens/s: training steps only (validation excluded); throughput and "
+              "peak memory depend on the machine and on its load while each run ran, the losses do not."]
     if ok:
         dev = ok[0].get("device", "?")
         lines.append(f"Device: {dev}, {ok[0].get('torch_threads', '?')} torch threads.")
