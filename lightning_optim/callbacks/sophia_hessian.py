@@ -108,7 +108,9 @@ class SophiaHessian(Callback):
         ctx = plugin.forward_context() if plugin is not None else torch.enable_grad()
         was_training = pl_module.training
         pl_module.train()
-        with torch.enable_grad(), ctx:
+        from lightning_optim.callbacks.z_loss import z_loss_paused  # the estimate is of the CE Hessian alone
+
+        with torch.enable_grad(), ctx, z_loss_paused():
             logits = pl_module.logits_for_batch(batch)
             flat = logits.reshape(-1, logits.shape[-1]).float()
             with torch.no_grad():
