@@ -76,6 +76,8 @@ class Prodigy(ElementwiseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if all(p.grad is None for group in self.param_groups for p in group["params"]):
+            return loss  # no parameter takes a step: no step count, no decay of the d estimate's sums
         g0 = self.param_groups[0]
         beta1, beta2 = g0["betas"]
         beta3 = g0["beta3"] if g0["beta3"] is not None else math.sqrt(beta2)
