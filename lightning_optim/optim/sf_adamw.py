@@ -107,6 +107,8 @@ class AdamWScheduleFree(ElementwiseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if all(p.grad is None for group in self.param_groups for p in group["params"]):
+            return loss  # no parameter takes a step: k, lr_max and weight_sum stay (a guard dropped the step)
         for group in self.param_groups:
             k = group["k"]
             warmup = group["warmup_steps"]
