@@ -53,13 +53,26 @@ def load_cases() -> list:
     return cases
 
 
+def _restore_grads(opt: torch.optim.Optimizer, grads: dict[int, torch.Tensor]) -> None:
+    """Put back gradients an implementation cleared after its step (heavyball sets ``p.grad = None``), so
+    every timed step does the full work; untimed."""
+    for group in getattr(opt, "param_groups", []):  # wrappers that restore grads themselves have none
+        for p in group["params"]:
+            if p.grad is None and id(p) in grads:
+                p.grad = grads[id(p)]
+
+
 def _time_round(opts: dict, rounds: int, warmup: int) -> dict[str, float]:
+    grads = {name: {id(p): p.grad for g in getattr(opt, "param_groups", []) for p in g["params"] if p.grad is not None}
+             for name, opt in opts.items()}
     for _ in range(warmup):
-        for opt in opts.values():
+        for name, opt in opts.items():
+            _restore_grads(opt, grads[name])
             opt.step()
     times: dict[str, list[float]] = {k: [] for k in opts}
     for _ in range(rounds):
         for name, opt in opts.items():
+            _restore_grads(opt, grads[name])
             t0 = time.perf_counter()
             opt.step()
             times[name].append(time.perf_counter() - t0)
