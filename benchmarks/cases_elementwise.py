@@ -2,7 +2,8 @@
 
 ``CASES`` is read by ``benchmarks/step_time.py`` (every ``benchmarks/cases_*.py`` module is). Each record:
 ``label``, ``ours`` (params → optimizer), ``peers`` (name → params → optimizer, built only if the package
-imports), ``matrices_only`` (peers that only take matrices get the matrices; ours gets the same set).
+imports), ``matrices_only`` (peers that only take matrices get the matrices; ours gets the same set). Labels ending in
+``-compiled`` run ours with ``compiled=True``.
 """
 
 from __future__ import annotations
@@ -74,3 +75,8 @@ CASES = [
     }),
     Case("adamw8bit", _ours("adamw8bit"), {}),
 ]
+
+# The same algorithms with ``compiled=True`` (one torch.compile'd loop per tensor), against the same peers.
+_COMPILABLE = ("lion", "signum", "adopt", "ademamix", "prodigy", "sf-adamw")
+CASES += [Case(f"{c.label}-compiled", _ours(c.label, compiled=True), dict(c.peers))
+          for c in CASES if c.label in _COMPILABLE]

@@ -50,14 +50,31 @@ def beta3_schedule(step: int, beta_start: float, beta_end: float, warmup: int | 
     return beta_end
 
 
+def ademamix_kernel(p: torch.Tensor, g: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, v: torch.Tensor,
+                    w1: torch.Tensor, w3: torch.Tensor, beta2: torch.Tensor, w2: torch.Tensor,
+                    inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, inv_bc1: torch.Tensor,
+                    decay: torch.Tensor, neg_lr: torch.Tensor) -> None:
+    """One tensor, for ``compiled=True``: ``w1 = 1 - β1``, ``w3 = 1 - β3(t)``, ``w2 = 1 - β2``,
+    ``decay = 1 - lr·wd``; ``alpha`` is α(t)."""
+    m1_new = m1 + w1 * (g - m1)
+    m2_new = m2 + w3 * (g - m2)
+    v_new = v * beta2 + w2 * g * g
+    denom = torch.sqrt(v_new) * inv_sqrt_bc2 + eps
+    p.copy_(p * decay + neg_lr * (m2_new * alpha + m1_new * inv_bc1) / denom)
+    m1.copy_(m1_new)
+    m2.copy_(m2_new)
+    v.copy_(v_new)
+
+
 class AdEMAMix(ElementwiseOptimizer):
     """Adam with a second, slow and un-bias-corrected EMA of the gradient mixed in with weight α."""
 
     state_names = ("exp_avg", "exp_avg_slow", "exp_avg_sq")
+    kernel = staticmethod(ademamix_kernel)
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float = 0.999, alpha: float = 8.0, eps: float = 1e-8, weight_decay: float = 0.1,
-                 alpha_warmup: int | None = None, beta3_warmup: int | None = None) -> None:
+                 alpha_warmup: int | None = None, beta3_warmup: int | None = None, compiled: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, alpha=alpha, alpha_warmup=alpha_warmup,
                      beta3_warmup=beta3_warmup)
         check_betas((beta3,), 1, "beta3")
@@ -65,7 +82,16 @@ class AdEMAMix(ElementwiseOptimizer):
             raise ValueError(f"eps must be > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), beta3=beta3, alpha=alpha, eps=eps,
                                       weight_decay=weight_decay, alpha_warmup=alpha_warmup,
-                                      beta3_warmup=beta3_warmup))
+                                      beta3_warmup=beta3_warmup), compiled)
+
+    def _kernel_scalars(self, group: dict[str, Any], b: Bucket) -> tuple:
+        lr, wd = group["lr"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        t = b.step + 1
+        alpha = alpha_schedule(t, group["alpha"], group["alpha_warmup"])
+        beta3 = beta3_schedule(t, beta1, group["beta3"], group["beta3_warmup"])
+        return (1.0 - beta1, 1.0 - beta3, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2**t), group["eps"], alpha,
+                1.0 / (1.0 - beta1**t), 1.0 - lr * wd, -lr)
 
     def _update(self, group: dict[str, Any], b: Bucket) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -92,7 +118,7 @@ class AdEMAMix(ElementwiseOptimizer):
 @register_optimizer(
     "ademamix",
     defaults={"lr": 1e-3, "betas": (0.9, 0.999), "beta3": 0.999, "alpha": 8.0, "eps": 1e-8,
-              "weight_decay": 0.1, "alpha_warmup": None, "beta3_warmup": None},
+              "weight_decay": 0.1, "alpha_warmup": None, "beta3_warmup": None, "compiled": False},
     state=StateLayout(3, names=("exp_avg", "exp_avg_slow", "exp_avg_sq")),
     paper="Pagliardini, Ablin & Grangier 2024, The AdEMAMix Optimizer (arXiv 2409.03137)",
     reference="apple/ml-ademamix pytorch/ademamix.py",

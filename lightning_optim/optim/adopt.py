@@ -20,6 +20,7 @@ against a transcription of the official algorithm, not against it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,19 +31,44 @@ from lightning_optim.registry import StateLayout, register_optimizer
 __all__ = ["ADOPT"]
 
 
+def adopt_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, l2: torch.Tensor,
+                 decay: torch.Tensor, neg_lr: torch.Tensor, eps: torch.Tensor, clip: torch.Tensor,
+                 w1: torch.Tensor, beta2: torch.Tensor, w2: torch.Tensor) -> None:
+    """One tensor after the first step, for ``compiled=True``: ``l2 = wd`` (coupled) or 0, ``decay = 1 - lr·wd``
+    (decoupled) or 1, ``clip = t^clip_exponent`` (inf: none), ``w1 = 1 - β1``, ``w2 = 1 - β2``."""
+    g = g + l2 * p
+    n = torch.clamp(g / torch.clamp_min(torch.sqrt(v), eps), -clip, clip)
+    m_new = m + w1 * (n - m)
+    p.copy_(p * decay + neg_lr * m_new)
+    m.copy_(m_new)
+    v.copy_(v * beta2 + w2 * g * g)
+
+
 class ADOPT(ElementwiseOptimizer):
     """ADOPT with decoupled weight decay and a clamp schedule stored as data."""
 
     state_names = ("exp_avg", "exp_avg_sq")
+    kernel = staticmethod(adopt_kernel)
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.1, clip_exponent: float | None = 0.25,
-                 decouple: bool = True) -> None:
+                 decouple: bool = True, compiled: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, clip_exponent=clip_exponent)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), eps=eps, weight_decay=weight_decay,
-                                      clip_exponent=clip_exponent, decouple=bool(decouple)))
+                                      clip_exponent=clip_exponent, decouple=bool(decouple)), compiled)
+
+    def _kernel_scalars(self, group: dict[str, Any], b: Bucket) -> tuple | None:
+        if b.step == 0:
+            return None  # the initialising step (v = g²) is one eager op
+        lr, wd = group["lr"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        decouple = group["decouple"]
+        exp = group["clip_exponent"]
+        clip = math.inf if exp is None else float(b.step) ** exp
+        return (0.0 if decouple else wd, 1.0 - lr * wd if decouple else 1.0, -lr, group["eps"], clip,
+                1.0 - beta1, beta2, 1.0 - beta2)
 
     def _update(self, group: dict[str, Any], b: Bucket) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -73,7 +99,7 @@ class ADOPT(ElementwiseOptimizer):
 @register_optimizer(
     "adopt",
     defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.1, "clip_exponent": 0.25,
-              "decouple": True},
+              "decouple": True, "compiled": False},
     state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
     paper="Taniguchi et al. 2024, ADOPT: Modified Adam Can Converge with Any β2 (arXiv 2411.02853)",
     reference="iShohei220/adopt adopt.py (clamp schedule stored as a number here, not a lambda)",

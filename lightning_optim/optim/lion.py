@@ -19,16 +19,30 @@ from lightning_optim.registry import StateLayout, register_optimizer
 __all__ = ["Lion"]
 
 
+def lion_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, decay: torch.Tensor, neg_lr: torch.Tensor,
+                w1: torch.Tensor, w2: torch.Tensor) -> None:
+    """One tensor, for ``compiled=True``: ``decay = 1 - lr·wd``, ``w1 = 1 - β1``, ``w2 = 1 - β2``."""
+    u = torch.sign(m + w1 * (g - m))
+    p.copy_(p * decay + neg_lr * u)
+    m.copy_(m + w2 * (g - m))
+
+
 class Lion(ElementwiseOptimizer):
-    """Lion: sign of an interpolated momentum, decoupled weight decay. One foreach pass per op over a group."""
+    """Lion: sign of an interpolated momentum, decoupled weight decay. One foreach pass per op over a group
+    (``compiled=True``: one fused loop per tensor)."""
 
     state_names = ("exp_avg",)
     counts_steps = False
+    kernel = staticmethod(lion_kernel)
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.1) -> None:
+                 weight_decay: float = 0.1, compiled: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay)
-        super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), weight_decay=weight_decay), compiled)
+
+    def _kernel_scalars(self, group: dict[str, Any], b: Bucket) -> tuple:
+        beta1, beta2 = group["betas"]
+        return 1.0 - group["lr"] * group["weight_decay"], -group["lr"], 1.0 - beta1, 1.0 - beta2
 
     def _update(self, group: dict[str, Any], b: Bucket) -> None:
         lr, wd = group["lr"], group["weight_decay"]
@@ -44,7 +58,7 @@ class Lion(ElementwiseOptimizer):
 
 @register_optimizer(
     "lion",
-    defaults={"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1},
+    defaults={"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "compiled": False},
     state=StateLayout(1, names=("exp_avg",)),
     paper="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms (arXiv 2302.06675)",
     reference="google/automl lion/lion_pytorch.py; lucidrains/lion-pytorch",

@@ -30,12 +30,44 @@ from typing import Any
 
 import torch
 
-from lightning_optim.optim._foreach_utils import ElementwiseOptimizer, check_betas, check_nonneg, is_dtensor, local
+from lightning_optim.optim._foreach_utils import (
+    COMPILED_MIN_NUMEL,
+    ElementwiseOptimizer,
+    check_betas,
+    check_nonneg,
+    compiled_kernel,
+    is_dtensor,
+    local,
+    plain,
+    scalar_tensors,
+)
 from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["Prodigy"]
 
 _SCALARS = ("d", "d_max", "d_numerator")
+
+
+def prodigy_sums_kernel(p: torch.Tensor, g: torch.Tensor, s: torch.Tensor, p0: torch.Tensor, beta3: torch.Tensor,
+                        s_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First pass over one tensor, for ``compiled=True``: ``s = β3·s + s_coef·g``; returns (<g, p0 - p>,
+    ‖s‖₁) in float64."""
+    dot = ((p0 - p) * g).sum(dtype=torch.float64)
+    s_new = s * beta3 + s_coef * g
+    s.copy_(s_new)
+    return dot, s_new.abs().sum(dtype=torch.float64)
+
+
+def prodigy_update_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: torch.Tensor,
+                          c_m: torch.Tensor, beta2: torch.Tensor, c_v: torch.Tensor, c_eps: torch.Tensor,
+                          decay: torch.Tensor, neg_dlr: torch.Tensor) -> None:
+    """Second pass over one tensor, for ``compiled=True``: ``c_m = d(1-β1)``, ``c_v = d²(1-β2)``,
+    ``c_eps = d_new·eps``, ``decay = 1 - wd·dlr`` (decoupled) or 1."""
+    m_new = m * beta1 + g * c_m
+    v_new = v * beta2 + g * c_v * g
+    p.copy_(p * decay + neg_dlr * m_new / (torch.sqrt(v_new) + c_eps))
+    m.copy_(m_new)
+    v.copy_(v_new)
 
 
 class Prodigy(ElementwiseOptimizer):
@@ -47,7 +79,8 @@ class Prodigy(ElementwiseOptimizer):
     def __init__(self, params: Any, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.1,
                  use_bias_correction: bool = True, safeguard_warmup: bool = False, d0: float = 1e-6,
-                 d_coef: float = 1.0, growth_rate: float = math.inf, decouple: bool = True) -> None:
+                 d_coef: float = 1.0, growth_rate: float = math.inf, decouple: bool = True,
+                 compiled: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, d_coef=d_coef)
         if d0 <= 0 or growth_rate <= 0 or eps <= 0:
             raise ValueError(f"d0, growth_rate and eps must be > 0, got {d0}, {growth_rate}, {eps}")
@@ -57,7 +90,7 @@ class Prodigy(ElementwiseOptimizer):
             lr=lr, betas=check_betas(betas, 2), beta3=beta3, eps=eps, weight_decay=weight_decay,
             use_bias_correction=bool(use_bias_correction), safeguard_warmup=bool(safeguard_warmup), d0=d0,
             d_coef=d_coef, growth_rate=growth_rate, decouple=bool(decouple), k=0,
-        ))
+        ), compiled)
         for group in self.param_groups:
             dev = next((local(p).device for p in group["params"]), torch.device("cpu"))
             dtype = torch.float32 if dev.type == "mps" else torch.float64
@@ -109,6 +142,20 @@ class Prodigy(ElementwiseOptimizer):
                 grads = b.grads
                 if group["weight_decay"] != 0 and not group["decouple"]:
                     grads = b.grads = torch._foreach_add(grads, b.params, alpha=group["weight_decay"])
+                if self.compiled:
+                    big = [i for i, p in enumerate(b.params) if p.numel() >= COMPILED_MIN_NUMEL]
+                    if big:
+                        fn = compiled_kernel(prodigy_sums_kernel)
+                        sc = scalar_tensors((beta3, s_coef), b.params[big[0]])
+                        for i in big:
+                            dot, l1 = fn(plain(b.params[i]), grads[i], b.state["s"][i], b.state["p0"][i], *sc)
+                            dots.append(coef.to(torch.float64) * dot.to(dev))
+                            l1s.append(l1.to(dev))
+                        taken = set(big)
+                        b = b.subset([i for i in range(len(b.params)) if i not in taken])
+                        grads = b.grads
+                        if not b.params:
+                            continue
                 diff = torch._foreach_sub(b.state["p0"], b.params)
                 dots.append(coef.to(torch.float64) * _sum_of_dots(grads, diff, dev))
                 s = b.state["s"]
@@ -144,6 +191,13 @@ class Prodigy(ElementwiseOptimizer):
             if group["lr"] != 0:
                 for b in buckets:
                     p_dtype = b.params[0].dtype
+                    if self.compiled:
+                        decay = 1 - wd * dlr if wd != 0 and group["decouple"] else torch.ones_like(dlr)
+                        b = self._run_kernel(b, prodigy_update_kernel, (
+                            gb1, d * (1 - gb1), gb2, d * d * (1 - gb2), d_new * eps, decay, -dlr),
+                            ("exp_avg", "exp_avg_sq"))
+                        if not b.params:
+                            continue
                     m, v = b.state["exp_avg"], b.state["exp_avg_sq"]
                     torch._foreach_mul_(m, gb1)
                     torch._foreach_add_(m, torch._foreach_mul(b.grads, (d * (1 - gb1)).to(p_dtype)))
@@ -172,7 +226,7 @@ def _sum_of_dots(grads: list[torch.Tensor], diff: list[torch.Tensor], dev: torch
     "prodigy",
     defaults={"lr": 1.0, "betas": (0.9, 0.999), "beta3": None, "eps": 1e-8, "weight_decay": 0.1,
               "use_bias_correction": True, "safeguard_warmup": False, "d0": 1e-6, "d_coef": 1.0,
-              "growth_rate": math.inf, "decouple": True},
+              "growth_rate": math.inf, "decouple": True, "compiled": False},
     state=StateLayout(4, names=("s", "p0", "exp_avg", "exp_avg_sq")),
     paper="Mishchenko & Defazio 2023, Prodigy: An Expeditiously Adaptive Parameter-Free Learner (arXiv 2306.06101)",
     reference="konstmish/prodigy prodigyopt/prodigy.py",

@@ -38,15 +38,27 @@ from lightning_optim.registry import StateLayout, register_optimizer
 __all__ = ["AdamWScheduleFree"]
 
 
+def sf_adamw_kernel(y: torch.Tensor, g: torch.Tensor, z: torch.Tensor, v: torch.Tensor, beta2: torch.Tensor,
+                    w2: torch.Tensor, inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor, wd: torch.Tensor,
+                    ckp1: torch.Tensor, y_coef: torch.Tensor, neg_lr: torch.Tensor) -> None:
+    """One tensor, for ``compiled=True``: ``w2 = 1 - β2``, ``y_coef = lr·(β1·(1-c) - 1)``."""
+    v_new = v * beta2 + w2 * g * g
+    u = g / (torch.sqrt(v_new) * inv_sqrt_bc2 + eps) + wd * y
+    y.copy_(y + ckp1 * (z - y) + y_coef * u)
+    z.copy_(z + neg_lr * u)
+    v.copy_(v_new)
+
+
 class AdamWScheduleFree(ElementwiseOptimizer):
     """Schedule-free AdamW; ``train()`` / ``eval()`` switch the parameters between y and x."""
 
     state_names = ("z", "exp_avg_sq")
     counts_steps = False
+    kernel = staticmethod(sf_adamw_kernel)
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.9999),
                  eps: float = 1e-8, weight_decay: float = 0.1, warmup_steps: int = 2000, r: float = 0.0,
-                 weight_lr_power: float = 2.0) -> None:
+                 weight_lr_power: float = 2.0, compiled: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, weight_lr_power=weight_lr_power)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -55,7 +67,8 @@ class AdamWScheduleFree(ElementwiseOptimizer):
             raise ValueError("betas[0] must be > 0 for schedule-free (x is recovered as (y - (1-β1)·z)/β1)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       warmup_steps=int(warmup_steps), r=r, weight_lr_power=weight_lr_power,
-                                      k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0))
+                                      k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0),
+                         compiled)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"z": p.detach().clone(memory_format=torch.preserve_format),
@@ -126,6 +139,11 @@ class AdamWScheduleFree(ElementwiseOptimizer):
 
     def _update_bucket(self, group: dict[str, Any], b: Bucket, lr: float, ckp1: float, k: int) -> None:
         beta1, beta2 = group["betas"]
+        b = self._run_kernel(b, sf_adamw_kernel, (
+            beta2, 1 - beta2, 1 / math.sqrt(1 - beta2 ** (k + 1)), group["eps"], group["weight_decay"], ckp1,
+            lr * (beta1 * (1 - ckp1) - 1), -lr))
+        if not b.params:
+            return
         y, z, v = b.params, b.state["z"], b.state["exp_avg_sq"]
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, b.grads, b.grads, value=1 - beta2)
@@ -144,7 +162,7 @@ class AdamWScheduleFree(ElementwiseOptimizer):
 @register_optimizer(
     "sf-adamw",
     defaults={"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-8, "weight_decay": 0.1, "warmup_steps": 2000,
-              "r": 0.0, "weight_lr_power": 2.0},
+              "r": 0.0, "weight_lr_power": 2.0, "compiled": False},
     state=StateLayout(2, names=("z", "exp_avg_sq")),
     paper="Defazio et al. 2024, The Road Less Scheduled (arXiv 2405.15682)",
     reference="facebookresearch/schedule_free schedulefree/adamw_schedulefree.py",

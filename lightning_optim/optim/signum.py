@@ -23,18 +23,33 @@ from lightning_optim.registry import StateLayout, register_optimizer
 __all__ = ["Signum"]
 
 
+def signum_kernel(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, decay: torch.Tensor, neg_lr: torch.Tensor,
+                  mu: torch.Tensor, nesterov: torch.Tensor) -> None:
+    """One tensor, for ``compiled=True``: ``decay = 1 - lr·wd``; ``nesterov`` is 1.0 or 0.0."""
+    b = buf * mu + g
+    d = torch.sign(torch.where(nesterov > 0, g + mu * b, b))  # nesterov: sign(g + μ·b); otherwise sign(b)
+    buf.copy_(b)
+    p.copy_(p * decay + neg_lr * d)
+
+
 class Signum(ElementwiseOptimizer):
     """Sign of (Nesterov) momentum with decoupled weight decay; the buffer starts at zeros."""
 
     state_names = ("momentum_buffer",)
     counts_steps = False
+    kernel = staticmethod(signum_kernel)
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.1) -> None:
+                 weight_decay: float = 0.1, compiled: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), weight_decay=weight_decay),
+                         compiled)
+
+    def _kernel_scalars(self, group: dict[str, Any], b: Bucket) -> tuple:
+        return (1.0 - group["lr"] * group["weight_decay"], -group["lr"], group["momentum"],
+                1.0 if group["nesterov"] else 0.0)
 
     def _update(self, group: dict[str, Any], b: Bucket) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
@@ -53,7 +68,7 @@ class Signum(ElementwiseOptimizer):
 
 @register_optimizer(
     "signum",
-    defaults={"lr": 1e-3, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1},
+    defaults={"lr": 1e-3, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1, "compiled": False},
     state=StateLayout(1, names=("momentum_buffer",)),
     paper="Bernstein et al. 2018, signSGD: Compressed Optimisation for Non-Convex Problems (arXiv 1802.04434)",
     reference="epfml/llm-optimizer-benchmark (buffer initialised at zeros here, as in the paper)",
