@@ -77,6 +77,6 @@ CASES = [
 ]
 
 # The same algorithms with ``compiled=True`` (one torch.compile'd loop per tensor), against the same peers.
-_COMPILABLE = ("lion", "signum", "adopt", "ademamix", "prodigy", "sf-adamw")
+_COMPILABLE = ("lion", "signum", "adopt", "ademamix", "mars", "prodigy", "sf-adamw")
 CASES += [Case(f"{c.label}-compiled", _ours(c.label, compiled=True), dict(c.peers))
           for c in CASES if c.label in _COMPILABLE]

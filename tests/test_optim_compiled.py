@@ -21,6 +21,7 @@ COMPILABLE = {
     "ademamix": {"alpha_warmup": 8, "beta3_warmup": 8},
     "sf-adamw": {"warmup_steps": 4},
     "prodigy": {},
+    "mars": {},
 }
 
 
@@ -61,3 +62,20 @@ def test_compiled_equals_eager_over_20_steps(name: str) -> None:
 def test_compiled_flag_is_validated() -> None:
     with pytest.raises(ValueError, match="compiled"):
         create_optimizer("lion", _params(), compiled="yes")
+
+
+def test_mars_adamw_part_compiled_equals_eager() -> None:
+    """MARS's non-matrix groups take a plain AdamW step: its kernel too (a large tensor routed as "other")."""
+    eager_ps, compiled_ps = _params(), _params()
+    eager = create_optimizer("mars", [{"params": eager_ps, "matrix": False}])
+    compiled = create_optimizer("mars", [{"params": compiled_ps, "matrix": False}], compiled=True)
+    for step in range(10):
+        g = torch.Generator().manual_seed(200 + step)
+        for a, b in zip(eager_ps, compiled_ps):
+            grad = torch.randn(a.shape, generator=g, dtype=a.dtype) * 0.01
+            a.grad, b.grad = grad.clone(), grad.clone()
+        eager.step()
+        compiled.step()
+    assert "last_grad" not in compiled.state[compiled_ps[0]]
+    for a, b in zip(eager_ps, compiled_ps):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)

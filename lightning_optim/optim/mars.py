@@ -48,6 +48,35 @@ from lightning_optim.registry import StateLayout, register_optimizer
 __all__ = ["MARS"]
 
 
+def _adamw_tail(p: torch.Tensor, c: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w1: torch.Tensor,
+                beta2: torch.Tensor, w2: torch.Tensor, inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor,
+                decay: torch.Tensor, neg_lr_bc1: torch.Tensor) -> None:
+    m_new = m + w1 * (c - m)
+    v_new = v * beta2 + w2 * c * c
+    p.copy_(p * decay + neg_lr_bc1 * m_new / (torch.sqrt(v_new) * inv_sqrt_bc2 + eps))
+    m.copy_(m_new)
+    v.copy_(v_new)
+
+
+def mars_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
+                vr: torch.Tensor, w1: torch.Tensor, beta2: torch.Tensor, w2: torch.Tensor,
+                inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor, decay: torch.Tensor,
+                neg_lr_bc1: torch.Tensor) -> None:
+    """One matrix, for ``compiled=True``: ``vr = γ·β1/(1-β1)``, ``w1 = 1 - β1``, ``w2 = 1 - β2``,
+    ``decay = 1 - lr·wd``, ``neg_lr_bc1 = -lr/bc1``."""
+    c = g + vr * (g - last)
+    c = c / torch.clamp_min(torch.linalg.vector_norm(c), 1.0)
+    last.copy_(g)
+    _adamw_tail(p, c, m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1)
+
+
+def adamw_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w1: torch.Tensor,
+                 beta2: torch.Tensor, w2: torch.Tensor, inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor,
+                 decay: torch.Tensor, neg_lr_bc1: torch.Tensor) -> None:
+    """The AdamW step of MARS's non-matrix parameters on one tensor, for ``compiled=True``."""
+    _adamw_tail(p, g, m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1)
+
+
 class MARS(ElementwiseOptimizer):
     """MARS-AdamW on matrices (variance-reduced, norm-clipped gradient), AdamW on the rest."""
 
@@ -55,7 +84,7 @@ class MARS(ElementwiseOptimizer):
 
     def __init__(self, params: Any, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99),
                  gamma: float = 0.025, eps: float = 1e-8, weight_decay: float = 0.1, adamw_lr: float = 1e-3,
-                 adamw_betas: tuple[float, float] = (0.9, 0.999)) -> None:
+                 adamw_betas: tuple[float, float] = (0.9, 0.999), compiled: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, gamma=gamma, adamw_lr=adamw_lr)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -80,7 +109,7 @@ class MARS(ElementwiseOptimizer):
                 g.setdefault("lr", adamw_lr)
                 g.setdefault("betas", adamw_betas)
         super().__init__(split, dict(lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay,
-                                     adamw_lr=adamw_lr, adamw_betas=adamw_betas, matrix=True))
+                                     adamw_lr=adamw_lr, adamw_betas=adamw_betas, matrix=True), compiled)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         names = self.state_names + (("last_grad",) if group["matrix"] else ())
@@ -92,6 +121,22 @@ class MARS(ElementwiseOptimizer):
             for b in buckets:
                 b.state["last_grad"] = [local(self.state[p]["last_grad"]) for p in b.param_objs]
         return buckets
+
+    def _step_bucket(self, group: dict[str, Any], b: Bucket) -> None:
+        if self.compiled and not any(is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
+                                     for p in b.param_objs):  # a sharded matrix's norm needs an all-reduce
+            lr, wd = group["lr"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            t = b.step + 1
+            tail = (1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2**t), group["eps"], 1.0 - lr * wd,
+                    -lr / (1.0 - beta1**t))
+            if group["matrix"]:
+                b = self._run_kernel(b, mars_kernel, (group["gamma"] * beta1 / (1.0 - beta1), *tail),
+                                     ("exp_avg", "exp_avg_sq", "last_grad"))
+            else:
+                b = self._run_kernel(b, adamw_kernel, tail)
+        if b.params:
+            self._update(group, b)
 
     def _update(self, group: dict[str, Any], b: Bucket) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -140,7 +185,7 @@ class MARS(ElementwiseOptimizer):
 @register_optimizer(
     "mars",
     defaults={"lr": 3e-3, "betas": (0.95, 0.99), "gamma": 0.025, "eps": 1e-8, "weight_decay": 0.1,
-              "adamw_lr": 1e-3, "adamw_betas": (0.9, 0.999)},
+              "adamw_lr": 1e-3, "adamw_betas": (0.9, 0.999), "compiled": False},
     state=StateLayout(3, names=("exp_avg", "exp_avg_sq", "last_grad")),
     other_state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
     hybrid=True,
