@@ -75,6 +75,8 @@ class Prodigy(ElementwiseOptimizer):
 
     state_names = ("s", "p0", "exp_avg", "exp_avg_sq")
     counts_steps = False
+    #: None: Python-float coefficients on CPU, device tensors elsewhere; tests force either path
+    _host_scalars: bool | None = None
 
     def __init__(self, params: Any, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.1,
@@ -119,6 +121,9 @@ class Prodigy(ElementwiseOptimizer):
         dev = g0["d"].device
         d, d_max = g0["d"], g0["d_max"]
         d0 = g0["d0"]
+        # On CPU the "device" scalars are host memory: reading them is not a synchronisation, and Python-float
+        # coefficients let foreach ops fuse the scaling into the add (fewer passes over memory).
+        host = dev.type == "cpu" if self._host_scalars is None else self._host_scalars
 
         work = []  # (group, buckets, dlr)
         dots: list[torch.Tensor] = []
@@ -160,7 +165,10 @@ class Prodigy(ElementwiseOptimizer):
                 dots.append(coef.to(torch.float64) * _sum_of_dots(grads, diff, dev))
                 s = b.state["s"]
                 torch._foreach_mul_(s, beta3)
-                torch._foreach_add_(s, torch._foreach_mul(grads, s_coef.to(grads[0].dtype)))
+                if host:
+                    torch._foreach_add_(s, grads, alpha=float(s_coef))
+                else:
+                    torch._foreach_add_(s, torch._foreach_mul(grads, s_coef.to(grads[0].dtype)))
                 l1s.append(torch.stack([n.to(torch.float64) for n in torch._foreach_norm(s, 1)]).sum().to(dev))
 
         zero = torch.zeros((), device=dev, dtype=d.dtype)
@@ -199,6 +207,18 @@ class Prodigy(ElementwiseOptimizer):
                         if not b.params:
                             continue
                     m, v = b.state["exp_avg"], b.state["exp_avg_sq"]
+                    if host:
+                        df, dlr_f = float(d), float(dlr)
+                        torch._foreach_mul_(m, gb1)
+                        torch._foreach_add_(m, b.grads, alpha=df * (1 - gb1))
+                        torch._foreach_mul_(v, gb2)
+                        torch._foreach_addcmul_(v, b.grads, b.grads, value=df * df * (1 - gb2))
+                        denom_t = torch._foreach_sqrt(v)
+                        torch._foreach_add_(denom_t, float(d_new) * eps)
+                        if wd != 0 and group["decouple"]:
+                            torch._foreach_mul_(b.params, 1 - wd * dlr_f)
+                        torch._foreach_addcdiv_(b.params, m, denom_t, value=-dlr_f)
+                        continue
                     torch._foreach_mul_(m, gb1)
                     torch._foreach_add_(m, torch._foreach_mul(b.grads, (d * (1 - gb1)).to(p_dtype)))
                     torch._foreach_mul_(v, gb2)
