@@ -269,3 +269,163 @@ def test_bad_hyperparameters():
         lo.create_optimizer("soap", [torch.zeros(2, 2, requires_grad=True)], precondition_frequency=0)
     with pytest.raises(ValueError, match="max_precond_dim"):
         SOAP([torch.zeros(2, 2, requires_grad=True)], max_precond_dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# matmul_dtype="bfloat16": the per-step projections and factor products with bfloat16 inputs
+
+
+def _least_squares(shape=(32, 24), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(256, shape[0], generator=g)
+    w_true = torch.randn(*shape, generator=g) / shape[0] ** 0.5
+    return a, a @ w_true + 0.1 * torch.randn(256, shape[1], generator=g)
+
+
+def _fit(matmul_dtype, steps, shape=(32, 24), seed=0, grad_noise=0.0, **hp):
+    """Full-batch SOAP on a random least-squares problem; returns (final W, losses). ``grad_noise``: each
+    gradient multiplied elementwise by (1 + grad_noise·ξ), ξ ~ N(0, 1) (a fixed stream)."""
+    a, b = _least_squares(shape, seed)
+    w = torch.zeros(*shape, requires_grad=True)
+    opt = SOAP([w], lr=1e-2, weight_decay=0.0, precondition_frequency=5, matmul_dtype=matmul_dtype, **hp)
+    noise = torch.Generator().manual_seed(7)
+    losses = []
+    for _ in range(steps):
+        loss = (a @ w - b).square().mean()
+        losses.append(loss.item())
+        w.grad = None
+        loss.backward()
+        if grad_noise:
+            w.grad.mul_(1 + grad_noise * torch.randn(w.shape, generator=noise))
+        opt.step()
+    losses.append((a @ w - b).square().mean().item())
+    return w.detach(), losses
+
+
+def test_bf16_matmuls_train_like_float32():
+    w32, l32 = _fit(None, 100)
+    w16, l16 = _fit("bfloat16", 100)
+    assert not torch.equal(w16, w32)  # the option changes the arithmetic ...
+    assert l32[-1] < 0.75 * l32[0] and l16[-1] < 0.75 * l16[0]  # ... both make progress ...
+    assert abs(l16[-1] - l32[-1]) < 0.01 * l32[-1]  # ... to the same loss within 1%
+    assert all(math.isfinite(x) for x in l16)
+
+
+def test_bf16_update_close_to_float32():
+    """Parameter change after 20 steps (W starts at 0, so W is the change): cosine similarity with the float32 run.
+
+    The bound is not 0.999 because SOAP's Adam step normalises every coordinate of the rotated gradient: the
+    weakly excited eigen-directions, where g' is tiny, get updates as large as the strong ones, and bfloat16's
+    ~2⁻⁸ relative error of each product is large relative to those tiny coordinates. Measured here ≈ 0.993; for
+    scale, the float32 run with its gradients perturbed by 1% multiplicative noise lands at ≈ 0.993 too, so the
+    bfloat16 matmuls perturb SOAP about as much as 1% gradient noise (minibatch noise is far larger)."""
+    w32, _ = _fit(None, 20)
+    w16, _ = _fit("bfloat16", 20)
+    w_noisy, _ = _fit(None, 20, grad_noise=0.01)
+    cos = torch.nn.functional.cosine_similarity(w16.flatten(), w32.flatten(), dim=0).item()
+    cos_noise = torch.nn.functional.cosine_similarity(w_noisy.flatten(), w32.flatten(), dim=0).item()
+    assert cos > 0.98, cos
+    assert cos > cos_noise - 0.01, (cos, cos_noise)
+
+
+def test_bf16_state_stays_float32_and_refresh_rotation_bounded():
+    """With one gradient repeated, each factor is rank-deficient and the rotated gradient is exactly zero in its
+    null directions; if m and v were computed from different roundings there (e.g. m rotated back and forth in
+    bfloat16 every step, as a float32 implementation run under torch's bf16 matmul precision does), m/sqrt(v)
+    would blow up. Ours forms m and v from the same rotated gradient and rotates m only at refreshes, in float32:
+    the per-step change stays ~lr."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
+    gs = [torch.randn_like(p) for p in ps]
+    opt = SOAP(ps, lr=1e-3, precondition_frequency=2, matmul_dtype=torch.bfloat16)
+    assert opt.param_groups[0]["matmul_dtype"] == "bfloat16"
+    biggest = 0.0
+    for _ in range(12):
+        before = ps[0].detach().clone()
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.step()
+        biggest = max(biggest, (ps[0] - before).abs().max().item())
+    assert 0 < biggest < 10 * 1e-3, biggest
+    for key, t in opt.state[ps[0]].items():
+        assert t.dtype == torch.float32, key
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bf16_matmuls_other_shapes(merge, dtype):
+    """3-D (merged or not), a preconditioned 1-D vector, a dim above max_precond_dim, float64 parameters: the
+    bfloat16 run stays finite, keeps the parameter dtype and its change is close to the float32 one."""
+    torch.manual_seed(3)
+    shapes = [(9, 5), (6, 4, 3), (5,), (30, 4)]
+    ps = [torch.randn(s, dtype=dtype) for s in shapes]
+    changes = []
+    for mm in (None, "bfloat16"):
+        ws = [p.clone().requires_grad_() for p in ps]
+        opt = SOAP(ws, lr=1e-2, precondition_frequency=3, max_precond_dim=20, precondition_1d=True,
+                   merge_dims=merge, matmul_dtype=mm)
+        for s in range(10):
+            gen = torch.Generator().manual_seed(s)
+            for w in ws:
+                w.grad = torch.randn(w.shape, generator=gen, dtype=dtype)
+            opt.step()
+        for w in ws:
+            assert w.dtype == dtype and torch.isfinite(w).all()
+            assert opt.state[w]["exp_avg"].dtype == dtype
+        changes.append(torch.cat([(w.detach() - p).flatten() for w, p in zip(ws, ps)]))
+    assert not torch.equal(changes[0], changes[1])
+    cos = torch.nn.functional.cosine_similarity(changes[0], changes[1], dim=0).item()
+    assert cos > 0.97, cos  # measured 0.985-0.995
+
+
+def test_bad_matmul_dtype():
+    for bad in ("float16", torch.float16, "bf16", torch.float32, 16, "int8"):
+        with pytest.raises(ValueError, match="matmul_dtype"):
+            SOAP([torch.zeros(2, 2, requires_grad=True)], matmul_dtype=bad)
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        lo.create_optimizer("soap", [torch.zeros(2, 2, requires_grad=True)], matmul_dtype="half")
+    for good in ("bfloat16", torch.bfloat16, "torch.bfloat16"):
+        assert SOAP([torch.zeros(2, 2, requires_grad=True)], matmul_dtype=good).param_groups[0]["matmul_dtype"] \
+            == "bfloat16"
+    assert lo.optimizer_info("soap").defaults["matmul_dtype"] is None
+
+
+def test_bf16_state_dict_round_trip_weights_only():
+    hp = dict(precondition_frequency=3, matmul_dtype=torch.bfloat16)
+    m1 = _model()
+    o1 = lo.create_optimizer("soap", m1.parameters(), **hp)
+    _train(m1, o1, 10)
+    straight = _model()
+    os_ = lo.create_optimizer("soap", straight.parameters(), **hp)
+    _train(straight, os_, 20)
+
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # a torch.dtype in the group would need an allow-list
+    assert ckpt["opt"]["param_groups"][0]["matmul_dtype"] == "bfloat16"
+    m2 = _model()
+    m2.load_state_dict(ckpt["model"])
+    o2 = lo.create_optimizer("soap", m2.parameters(), precondition_frequency=3)  # float32 until loaded
+    o2.load_state_dict(ckpt["opt"])
+    assert o2.param_groups[0]["matmul_dtype"] == "bfloat16"
+    _train(m2, o2, 10, start=10)
+    for a, b in zip(m2.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_group_saved_before_matmul_dtype_loads_as_float32():
+    m = _model()
+    o = lo.create_optimizer("soap", m.parameters(), precondition_frequency=3)
+    _train(m, o, 4)
+    sd = o.state_dict()
+    for g in sd["param_groups"]:
+        del g["matmul_dtype"]
+    m2 = _model()
+    m2.load_state_dict(m.state_dict())
+    o2 = lo.create_optimizer("soap", m2.parameters(), precondition_frequency=3)
+    o2.load_state_dict(copy.deepcopy(sd))
+    _train(m, o, 3, start=4)
+    _train(m2, o2, 3, start=4)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
