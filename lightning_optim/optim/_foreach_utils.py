@@ -15,8 +15,8 @@ reduction (Prodigy's sums, MARS's per-tensor norm) say so and reduce explicitly.
 Compiled path (``compiled=True``, off by default): a subclass that defines ``kernel`` — its update rule on
 *one* tensor, written with plain torch ops, mutating the parameter and its state in place — gets that rule
 run through ``torch.compile(kernel, dynamic=True)``: one fused loop per tensor that reads and writes each
-stream once, where the eager foreach chain makes one pass over memory per op. The kernel is compiled once
-per (rank, dtype, device), not per shape, and is shared by every instance (about 10 s on CPU the first
+stream once, where the eager foreach chain makes one pass over memory per op. Contiguous tensors are passed
+as 1-D views, so the kernel is compiled once per (dtype, device), not per shape or rank, and is shared by every instance (about 10 s on CPU the first
 time, cached on disk by Inductor afterwards). Hyperparameters reach it as 0-d tensors, so a changing lr
 does not recompile. Tensors below ``COMPILED_MIN_NUMEL`` elements (biases, norms) stay on the eager foreach
 path, where one call covers them all; the call overhead of a compiled function (~0.1 ms) would cost more
@@ -54,6 +54,20 @@ def plain(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a plain tensor sharing its storage: torch.compile keeps the shapes of ``nn.Parameter`` inputs
     static (one recompile per shape), not those of plain tensors."""
     return t.detach() if isinstance(t, torch.nn.Parameter) else t
+
+
+def flat_args(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The kernel's tensor arguments as 1-D views when all are contiguous (then one compiled kernel serves
+    every shape and rank, with no recompiles for square matrices or size-1 dims), else as they are."""
+    if all(t.is_contiguous() for t in tensors):
+        return [_flat_alias(t) for t in tensors]
+    return [plain(t) for t in tensors]
+
+
+def _flat_alias(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor on ``t``'s storage that is not a *view* of ``t``: Dynamo traces a view together with its
+    base (guarding on the base's shape, which would bring the per-shape recompiles back)."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
 
 
 def scalar_tensors(values: Iterable[float | torch.Tensor], like: torch.Tensor) -> list[torch.Tensor]:
@@ -141,7 +155,7 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
         names = self.state_names if state_names is None else state_names
         sc = scalar_tensors(scalars, bucket.params[big[0]])
         for i in big:
-            fn(plain(bucket.params[i]), bucket.grads[i], *[bucket.state[n][i] for n in names], *sc)
+            fn(*flat_args(bucket.params[i], bucket.grads[i], *[bucket.state[n][i] for n in names]), *sc)
         taken = set(big)
         return bucket.subset([i for i in range(len(bucket.params)) if i not in taken])
 

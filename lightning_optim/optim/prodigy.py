@@ -37,8 +37,8 @@ from lightning_optim.optim._foreach_utils import (
     check_nonneg,
     compiled_kernel,
     is_dtensor,
+    flat_args,
     local,
-    plain,
     scalar_tensors,
 )
 from lightning_optim.registry import StateLayout, register_optimizer
@@ -153,7 +153,7 @@ class Prodigy(ElementwiseOptimizer):
                         fn = compiled_kernel(prodigy_sums_kernel)
                         sc = scalar_tensors((beta3, s_coef), b.params[big[0]])
                         for i in big:
-                            dot, l1 = fn(plain(b.params[i]), grads[i], b.state["s"][i], b.state["p0"][i], *sc)
+                            dot, l1 = fn(*flat_args(b.params[i], grads[i], b.state["s"][i], b.state["p0"][i]), *sc)
                             dots.append(coef.to(torch.float64) * dot.to(dev))
                             l1s.append(l1.to(dev))
                         taken = set(big)
