@@ -79,3 +79,22 @@ def test_mars_adamw_part_compiled_equals_eager() -> None:
     assert "last_grad" not in compiled.state[compiled_ps[0]]
     for a, b in zip(eager_ps, compiled_ps):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+
+
+def test_one_compile_serves_every_shape_and_rank() -> None:
+    """Square and non-square matrices, a (1, n) row and a vector share one compiled graph (no recompiles)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    _foreach_utils._COMPILED.clear()
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+    shapes = [(256, 256), (300, 400), (1, 70000), (70000,), (2, 40000)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+    opt = create_optimizer("lion", ps, compiled=True)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert all(opt.state[p]["exp_avg"].abs().sum() > 0 for p in ps)
