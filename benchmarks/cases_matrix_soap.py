@@ -6,9 +6,24 @@ weight decay 0.1, a refresh every 10 steps, max_precond_dim 10000 (so the 8192-r
 8192×8192 factor, as the reference and pytorch-optimizer do by default), no dimension merging. heavyball's
 precondition-frequency schedule is switched off so it refreshes every 10 steps like the others. step_time.py
 reports the median step, i.e. a step without a refresh; the refresh every 10 steps is timed separately by
-``python benchmarks/cases_matrix_soap.py --refresh``.
+``python benchmarks/cases_matrix_soap.py --refresh [--matrices]``.
 
-    python benchmarks/step_time.py --only soap --out benchmarks/results/step_time_soap
+Cases and what each implementation runs:
+
+* ``soap`` (whole model, and ``matrices_only``): every implementation as shipped, all matmuls float32 — ours with
+  the default ``matmul_dtype=None``, heavyball's ``SOAP`` (einsum projections on float32 state), pytorch-optimizer's
+  ``SOAP`` (tensordot projections, float32).
+* ``soap-bf16mm`` (``matrices_only``, and the whole model): ours with ``matmul_dtype="bfloat16"`` (the six
+  per-step matmuls per matrix — ``G·Gᵀ``, ``Gᵀ·G``, ``Q_Lᵀ·G·Q_R``, ``Q_L·X·Q_Rᵀ`` — take bfloat16 inputs, results
+  cast back to float32; state, eigh/QR refreshes float32). Peers: the two float32 ones above; heavyball with its
+  own low-precision option ``storage_dtype="bfloat16"`` (bfloat16 Adam moments — its projections promote to
+  float32, so its matmuls stay float32; pytorch-optimizer's SOAP has no precision option); and, so the
+  comparison with low-precision matmuls is like for like, heavyball's and pytorch-optimizer's SOAP stepped under
+  ``torch.set_float32_matmul_precision("medium")`` (torch's documented switch letting float32 matmuls compute in
+  bfloat16 internally — on this CPU oneDNN/AMX — set only around their step and restored after; it also applies
+  to their refresh's ``GG·Q`` product, not to eigh/QR).
+
+    python benchmarks/step_time.py --only soap,soap-bf16mm --out benchmarks/results/step_time_soap
 """
 
 from __future__ import annotations
@@ -49,13 +64,39 @@ class _KeepGrads:
         self.opt.step()
 
 
+class _Bf16Matmuls:
+    """Steps ``opt`` under ``torch.set_float32_matmul_precision("medium")`` (float32 matmuls may compute in
+    bfloat16), restoring the previous setting afterwards."""
+
+    def __init__(self, opt: Any) -> None:
+        self.opt = opt
+
+    def step(self) -> None:
+        import torch
+
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("medium")
+        try:
+            self.opt.step()
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+
 def _keep(build: Callable[[list], Any]) -> Callable[[list], Any]:
     return lambda params: _KeepGrads(build(params), params)
 
 
-def _ours(params: list) -> Any:
+def _bf16_matmuls(build: Callable[[list], Any]) -> Callable[[list], Any]:
+    return lambda params: _Bf16Matmuls(build(params))
+
+
+def _ours(params: list, **extra: Any) -> Any:
     return create_optimizer("soap", params, shampoo_beta=0.999, precondition_frequency=10, max_precond_dim=10000,
-                            **HP)
+                            **HP, **extra)
+
+
+def _ours_bf16(params: list) -> Any:
+    return _ours(params, matmul_dtype="bfloat16")
 
 
 def _pytorch_optimizer(params: list) -> Any:
@@ -65,23 +106,36 @@ def _pytorch_optimizer(params: list) -> Any:
                                   max_precondition_dim=10000, **HP)
 
 
-def _heavyball(params: list) -> Any:
+def _heavyball(params: list, **extra: Any) -> Any:
     import heavyball
 
     return heavyball.SOAP(params, shampoo_beta=0.999, precondition_frequency=10, max_precond_dim=10000,
-                          merge_dims=False, use_precond_schedule=False, **HP)
+                          merge_dims=False, use_precond_schedule=False, **HP, **extra)
+
+
+def _heavyball_bf16_storage(params: list) -> Any:
+    return _heavyball(params, storage_dtype="bfloat16")
 
 
 _PEERS = {"heavyball SOAP": _keep(_heavyball), "pytorch-optimizer SOAP": _keep(_pytorch_optimizer)}
+_PEERS_LOW = {
+    **_PEERS,
+    "heavyball SOAP storage bf16": _keep(_heavyball_bf16_storage),
+    "heavyball SOAP + torch bf16 matmuls": _bf16_matmuls(_keep(_heavyball)),
+    "pytorch-optimizer SOAP + torch bf16 matmuls": _bf16_matmuls(_keep(_pytorch_optimizer)),
+}
 
 CASES = [
     Case("soap", _keep(_ours), dict(_PEERS)),
     Case("soap", _keep(_ours), dict(_PEERS), matrices_only=True),
+    Case("soap-bf16mm", _keep(_ours_bf16), dict(_PEERS_LOW)),
+    Case("soap-bf16mm", _keep(_ours_bf16), dict(_PEERS_LOW), matrices_only=True),
 ]
 
 
 def _refresh_times(threads: int = 2) -> None:
-    """Mean step time over 10 steps (one refresh) for each implementation, after the initialising step."""
+    """Mean step time over 10 steps (one refresh) for each implementation, after the initialising step
+    (``--matrices``: the 24 hidden matrices only, as the ``matrices_only`` cases)."""
     import time
 
     import torch
@@ -89,9 +143,9 @@ def _refresh_times(threads: int = 2) -> None:
     from benchmarks.step_time import gpt_params
 
     torch.set_num_threads(threads)
-    for name, build in [("ours", _ours), *_PEERS.items()]:
-        ps = gpt_params()
-        opt = _keep(build)(ps)
+    for name, build in [("ours", _ours), ("ours bf16 matmuls", _ours_bf16), *_PEERS_LOW.items()]:
+        ps = gpt_params(matrices_only="--matrices" in sys.argv)
+        opt = build(ps) if name in _PEERS_LOW else _keep(build)(ps)
         opt.step()  # eigh initialisation (8192×8192 included)
         opt.step()
         t0 = time.perf_counter()
@@ -107,5 +161,5 @@ if __name__ == "__main__":
     else:
         from benchmarks import step_time
 
-        step_time.main(["--only", "soap", "--out", str(Path(__file__).parent / "results" / "step_time_soap"),
+        step_time.main(["--only", "soap,soap-bf16mm", "--out", str(Path(__file__).parent / "results" / "step_time_soap"),
                         *[a for a in sys.argv[1:]]])
