@@ -21,7 +21,9 @@ Cases and what each implementation runs:
   comparison with low-precision matmuls is like for like, heavyball's and pytorch-optimizer's SOAP stepped under
   ``torch.set_float32_matmul_precision("medium")`` (torch's documented switch letting float32 matmuls compute in
   bfloat16 internally — on this CPU oneDNN/AMX — set only around their step and restored after; it also applies
-  to their refresh's ``GG·Q`` product, not to eigh/QR).
+  to their refresh's ``GG·Q`` product, not to eigh/QR). Timing only for pytorch-optimizer that way: it rotates m
+  back and forth every step, and in bfloat16 m and v then disagree in the factors' null directions, so
+  m/sqrt(v) blows up (a 64×32 matrix with a repeated gradient moves 0.5 per step at lr 1e-3 instead of 0.0025).
 
     python benchmarks/step_time.py --only soap,soap-bf16mm --out benchmarks/results/step_time_soap
 """
