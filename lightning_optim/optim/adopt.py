@@ -82,10 +82,11 @@ class ADOPT(ElementwiseOptimizer):
             return
         if wd != 0 and group["decouple"]:
             torch._foreach_mul_(b.params, 1.0 - lr * wd)
-        d = torch._foreach_sqrt(v)
-        torch._foreach_clamp_min_(d, eps)
-        n = torch._foreach_div(grads, d)  # g / max(sqrt(v), eps)
-        del d
+        n = torch._foreach_sqrt(v)
+        torch._foreach_clamp_min_(n, eps)
+        torch._foreach_div_(n, grads)
+        torch._foreach_reciprocal_(n)  # g / max(sqrt(v), eps) in the one buffer (a new 1×P list costs more
+        # on CPU than the extra pass: large allocations are fresh pages every step)
         if group["clip_exponent"] is not None:
             clip = float(b.step) ** group["clip_exponent"]
             torch._foreach_clamp_min_(n, -clip)

@@ -150,10 +150,10 @@ class AdamWScheduleFree(ElementwiseOptimizer):
         # u = g / (sqrt(v/bc2) + eps) + wd·y = sqrt(bc2)·w  with  w = g / (sqrt(v) + eps·sqrt(bc2)) + (wd/sqrt(bc2))·y;
         # the factor sqrt(bc2) goes into the step sizes (one pass over memory fewer per op saved)
         sbc2 = math.sqrt(1 - beta2 ** (k + 1))
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_add_(denom, group["eps"] * sbc2)
-        w = torch._foreach_div(b.grads, denom)
-        del denom
+        w = torch._foreach_sqrt(v)
+        torch._foreach_add_(w, group["eps"] * sbc2)
+        torch._foreach_div_(w, b.grads)
+        torch._foreach_reciprocal_(w)  # in the one buffer: a second 1×P list would be fresh pages every step
         if group["weight_decay"] != 0:
             torch._foreach_add_(w, y, alpha=group["weight_decay"] / sbc2)
         torch._foreach_lerp_(y, z, ckp1)
