@@ -143,9 +143,10 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
     # -- machinery -----------------------------------------------------------------------------------------
 
     def _run_kernel(self, bucket: Bucket, kernel: Callable[..., None] | None, scalars: tuple | None,
-                    state_names: tuple[str, ...] | None = None) -> Bucket:
+                    state_names: tuple[str, ...] | None = None, results: list | None = None) -> Bucket:
         """Update the large tensors of ``bucket`` with the compiled ``kernel``; return the rest (to be updated
-        eagerly). Without ``compiled=True``, a kernel or scalars, the whole bucket is returned."""
+        eagerly). Without ``compiled=True``, a kernel or scalars, the whole bucket is returned. A kernel that
+        returns something (Prodigy's sums) has its return values appended to ``results``."""
         if not (self.compiled and kernel is not None and scalars is not None):
             return bucket
         big = [i for i, p in enumerate(bucket.params) if p.numel() >= COMPILED_MIN_NUMEL]
@@ -155,7 +156,9 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
         names = self.state_names if state_names is None else state_names
         sc = scalar_tensors(scalars, bucket.params[big[0]])
         for i in big:
-            fn(*flat_args(bucket.params[i], bucket.grads[i], *[bucket.state[n][i] for n in names]), *sc)
+            out = fn(*flat_args(bucket.params[i], bucket.grads[i], *[bucket.state[n][i] for n in names]), *sc)
+            if results is not None:
+                results.append(out)
         taken = set(big)
         return bucket.subset([i for i in range(len(bucket.params)) if i not in taken])
 

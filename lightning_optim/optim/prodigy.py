@@ -30,17 +30,7 @@ from typing import Any
 
 import torch
 
-from lightning_optim.optim._foreach_utils import (
-    COMPILED_MIN_NUMEL,
-    ElementwiseOptimizer,
-    check_betas,
-    check_nonneg,
-    compiled_kernel,
-    is_dtensor,
-    flat_args,
-    local,
-    scalar_tensors,
-)
+from lightning_optim.optim._foreach_utils import ElementwiseOptimizer, check_betas, check_nonneg, is_dtensor, local
 from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["Prodigy"]
@@ -147,20 +137,14 @@ class Prodigy(ElementwiseOptimizer):
                 grads = b.grads
                 if group["weight_decay"] != 0 and not group["decouple"]:
                     grads = b.grads = torch._foreach_add(grads, b.params, alpha=group["weight_decay"])
-                if self.compiled:
-                    big = [i for i, p in enumerate(b.params) if p.numel() >= COMPILED_MIN_NUMEL]
-                    if big:
-                        fn = compiled_kernel(prodigy_sums_kernel)
-                        sc = scalar_tensors((beta3, s_coef), b.params[big[0]])
-                        for i in big:
-                            dot, l1 = fn(*flat_args(b.params[i], grads[i], b.state["s"][i], b.state["p0"][i]), *sc)
-                            dots.append(coef.to(torch.float64) * dot.to(dev))
-                            l1s.append(l1.to(dev))
-                        taken = set(big)
-                        b = b.subset([i for i in range(len(b.params)) if i not in taken])
-                        grads = b.grads
-                        if not b.params:
-                            continue
+                sums: list[tuple[torch.Tensor, torch.Tensor]] = []
+                b = self._run_kernel(b, prodigy_sums_kernel, (beta3, s_coef), ("s", "p0"), results=sums)
+                for dot, l1 in sums:
+                    dots.append(coef.to(torch.float64) * dot.to(dev))
+                    l1s.append(l1.to(dev))
+                grads = b.grads
+                if not b.params:
+                    continue
                 diff = torch._foreach_sub(b.state["p0"], b.params)
                 dots.append(coef.to(torch.float64) * _sum_of_dots(grads, diff, dev))
                 s = b.state["s"]
