@@ -9,20 +9,16 @@ imports), ``matrices_only`` (peers that only take matrices get the matrices; our
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from lightning_optim import create_optimizer
 
-
-@dataclass
-class Case:
-    label: str
-    ours: Callable[[list], Any]
-    peers: dict[str, Callable[[list], Any]] = field(default_factory=dict)
-    matrices_only: bool = False
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_case import Case  # noqa: E402
 
 
 def _peer(module: str, attr: str, **kw: Any) -> Callable[[list], Any]:

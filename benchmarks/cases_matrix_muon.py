@@ -9,25 +9,16 @@ one optimizer object. ``python benchmarks/cases_matrix_muon.py`` runs just these
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_case import Case  # noqa: E402
 from lightning_optim import create_optimizer  # noqa: E402
-
-
-@dataclass
-class Case:
-    """The record benchmarks/step_time.py reads: ``ours``/``peers`` build an optimizer from a parameter list."""
-
-    label: str
-    ours: Callable[[list], Any]
-    peers: dict[str, Callable[[list], Any]] = field(default_factory=dict)
-    matrices_only: bool = False
 
 
 def _ours(name: str, **hp: Any) -> Callable[[list], Any]:

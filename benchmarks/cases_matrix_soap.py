@@ -31,25 +31,16 @@ Cases and what each implementation runs:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_case import Case  # noqa: E402
 from lightning_optim import create_optimizer  # noqa: E402
 
 HP = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1)
-
-
-@dataclass
-class Case:
-    """The record benchmarks/step_time.py reads: ``ours``/``peers`` build an optimizer from a parameter list."""
-
-    label: str
-    ours: Callable[[list], Any]
-    peers: dict[str, Callable[[list], Any]] = field(default_factory=dict)
-    matrices_only: bool = False
 
 
 class _KeepGrads:
