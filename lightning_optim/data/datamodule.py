@@ -21,6 +21,15 @@ worker and every device count sees the same data for the same step, and a resume
 ``trainer.global_step`` exactly where the interrupted one stopped (nothing is replayed). Validation is a
 fixed list of non-overlapping windows of the validation split (``val_sequences`` of them), sharded across
 ranks by Lightning's distributed sampler.
+
+**A damaged cache is rebuilt.** ``build`` (``prepare_data`` / ``setup``) verifies the token cache with
+:func:`~lightning_optim.data.tokens.check_token_cache` (``verify_cache="full"``: sizes, SHA-256 and token-id
+range, once per process; ``"size"``: sizes only, for caches too large to hash at every start) under a shared
+file lock. A fault — a shard overwritten, truncated or holding ids outside the vocabulary, an unreadable
+``meta.json`` — is reported as a :class:`~lightning_optim.data._cache.CacheWarning` naming the file and what is
+wrong, and the entry is rebuilt from the source under the exclusive lock: one process (rank 0 in
+``prepare_data`` under Lightning) rebuilds while the others wait, re-check, and find the repaired entry. If the
+rebuild fails (the source is gone, the hub is unreachable) the error names the damaged file and the cause.
 """
 
 from __future__ import annotations
@@ -36,10 +45,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lightning_optim.data._cache import default_cache_dir, file_lock
+from lightning_optim.data._cache import CacheError, CacheWarning, default_cache_dir, file_lock
 from lightning_optim.data.corpus import TextSource
 from lightning_optim.data.tokenizer import Tokenizer, load_tokenizer
-from lightning_optim.data.tokens import FORMAT_VERSION, TokenShards, build_token_cache, splitmix64
+from lightning_optim.data.tokens import (FORMAT_VERSION, VERIFY_MODES, TokenShards, build_token_cache,
+                                         check_token_cache, splitmix64)
 
 __all__ = ["TokenDataModule", "WindowStream", "ValidationWindows", "batch_geometry"]
 
@@ -84,12 +94,17 @@ class WindowStream(IterableDataset):
 
     def batch(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         window = self.seq_len + 1
-        rows = []
+        rows, shard_of_row = [], []
         for flat in self.starts(self.sample_numbers(micro_index)):
             i = int(np.searchsorted(self._cum, flat, side="right"))
             offset = int(flat) - (int(self._cum[i - 1]) if i else 0)
             rows.append(self.shards.shard(i)[offset:offset + window])
-        data = torch.from_numpy(np.stack(rows).astype(np.int64))
+            shard_of_row.append(i)
+        stacked = np.stack(rows)
+        if int(stacked.max()) >= self.shards.vocab_size:  # one max per batch; find the shard only on failure
+            for row, i in zip(rows, shard_of_row):
+                self.shards.check_ids(np.asarray(row), i)
+        data = torch.from_numpy(stacked.astype(np.int64))
         return data[:, :-1], data[:, 1:]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,7 +136,8 @@ class ValidationWindows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         shard, off = self.index[i]
-        w = torch.from_numpy(np.asarray(self.shards.shard(shard)[off:off + self.seq_len + 1]).astype(np.int64))
+        tokens = self.shards.check_ids(np.asarray(self.shards.shard(shard)[off:off + self.seq_len + 1]), shard)
+        w = torch.from_numpy(tokens.astype(np.int64))
         return w[:-1], w[1:]
 
 
@@ -149,6 +165,9 @@ class TokenDataModule(L.LightningDataModule):
         num_workers: DataLoader workers for training.
         seed: sampling seed (independent of the model's seed).
         configure_trainer: set the trainer's gradient accumulation and validation interval in ``setup``.
+        show_progress: print progress while training the tokenizer and tokenizing.
+        verify_cache: ``"full"`` (check every shard's SHA-256 and token ids once per process) or ``"size"``
+            (check ``meta.json`` and shard sizes only); a damaged cache is rebuilt (see the module docstring).
     """
 
     def __init__(
@@ -174,12 +193,15 @@ class TokenDataModule(L.LightningDataModule):
         seed: int = 1234,
         configure_trainer: bool = True,
         show_progress: bool = True,
+        verify_cache: str = "full",
     ) -> None:
         super().__init__()
         if seq_len < 1 or global_batch_size < 1:
             raise ValueError("seq_len and global_batch_size must be >= 1")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
+        if verify_cache not in VERIFY_MODES:
+            raise ValueError(f"verify_cache must be one of {VERIFY_MODES}, got {verify_cache!r}")
         self.save_hyperparameters()
         self.source = TextSource(dataset=dataset, data_files=data_files, dataset_config=dataset_config, split=split,
                                  text_field=text_field, text_sample_by=text_sample_by, max_bytes=max_bytes)
@@ -190,6 +212,7 @@ class TokenDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.num_workers, self.seed = num_workers, seed
         self.configure_trainer, self.show_progress = configure_trainer, show_progress
+        self.verify_cache = verify_cache
         self._tokenizer: Tokenizer | None = None
         self._train: TokenShards | None = None
         self._val: TokenShards | None = None
@@ -211,19 +234,51 @@ class TokenDataModule(L.LightningDataModule):
 
     @property
     def token_dir(self) -> Path:
-        key = json.dumps([FORMAT_VERSION, self.source.fingerprint(), self.tokenizer.name, self.val_fraction,
-                          self.max_tokens])
+        key = json.dumps([FORMAT_VERSION, self.source.fingerprint(), self.tokenizer.name, self.tokenizer.digest,
+                          self.val_fraction, self.max_tokens])
         return self.cache_dir / "tokens" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
+    def _expected_meta(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        return {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "tokenizer_digest": tok.digest}
+
+    def _cache_fault(self, target: Path) -> CacheError | None:
+        """What is wrong with the token cache at ``target`` (``None``: nothing; it is verified)."""
+        try:
+            check_token_cache(target, self.verify_cache, self._expected_meta())
+        except CacheError as e:
+            return e
+        return None
+
     def build(self) -> Path:
-        """Tokenize the source into the cache unless it is there already; the cache directory."""
+        """Tokenize the source into the cache unless a verified entry is there; the cache directory.
+
+        A damaged entry is rebuilt with a :class:`CacheWarning` naming the file (see the module docstring).
+        """
         target = self.token_dir
-        if (target / "meta.json").exists():
-            return target
-        with file_lock(target.parent / f".{target.name}.lock"):
-            if not (target / "meta.json").exists():
+        lock = target.parent / f".{target.name}.lock"
+        with file_lock(lock, shared=True):
+            if self._cache_fault(target) is None:
+                return target
+        with file_lock(lock):  # exclusive: one process rebuilds; the others re-check once it is done
+            fault = self._cache_fault(target)
+            if fault is None:
+                return target
+            damaged = target.exists()  # else this is the first build, nothing to warn about
+            if damaged:
+                warnings.warn(f"{fault}; rebuilding the token cache {target} from {self.source.name}", CacheWarning,
+                              stacklevel=2)
+            try:
                 build_token_cache(self.source, self.tokenizer, target, val_fraction=self.val_fraction,
                                   max_tokens=self.max_tokens, show_progress=self.show_progress)
+            except Exception as e:
+                if damaged:
+                    raise RuntimeError(f"the token cache is damaged ({fault}) and rebuilding it from "
+                                       f"{self.source.name} failed: {e}") from e
+                raise
+            fault = self._cache_fault(target)
+            if fault is not None:  # a fresh build that does not verify is a bug or a failing disk; never train on it
+                raise RuntimeError(f"the token cache was just rebuilt but does not verify: {fault}")
         return target
 
     def prepare_data(self) -> None:
@@ -231,7 +286,8 @@ class TokenDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         root = self.build()
-        self._train, self._val = TokenShards(root, "train"), TokenShards(root, "val")
+        expect = self._expected_meta()
+        self._train, self._val = (TokenShards(root, split, self.verify_cache, expect) for split in ("train", "val"))
         trainer = self._trainer_or_none()
         world = trainer.world_size if trainer is not None else 1
         self.micro, self.accumulate = batch_geometry(self.global_batch_size, world, self.micro_batch_size)
