@@ -6,16 +6,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lightning_optim.data._cache import default_cache_dir
-from lightning_optim.data.corpus import DEFAULT_CORPUS, TextSource, stdlib_files
+from lightning_optim.data._cache import CacheError, CacheWarning, default_cache_dir
+from lightning_optim.data.corpus import DEFAULT_CORPUS, DataFileError, TextSource, stdlib_files
 from lightning_optim.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
-from lightning_optim.data.tokens import TokenShards, build_token_cache
+from lightning_optim.data.tokens import TokenShards, build_token_cache, check_token_cache
 
 _LAZY = {name: "lightning_optim.data.datamodule"
          for name in ("TokenDataModule", "WindowStream", "ValidationWindows", "batch_geometry")}
 
-__all__ = ["DEFAULT_CORPUS", "TextSource", "stdlib_files", "Tokenizer", "load_tokenizer", "train_bpe",
-           "TokenShards", "build_token_cache", "default_cache_dir", *_LAZY]
+__all__ = ["DEFAULT_CORPUS", "TextSource", "stdlib_files", "DataFileError", "Tokenizer", "load_tokenizer",
+           "train_bpe", "TokenShards", "build_token_cache", "check_token_cache", "CacheError", "CacheWarning",
+           "default_cache_dir", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -14,19 +14,31 @@ the cache.
 * A **hub dataset** (``"HuggingFaceFW/fineweb-edu"``, with ``dataset_config`` such as ``"sample-10BT"``) is
   streamed with ``load_dataset(name, config, split=..., streaming=True)`` — the only path that needs the
   network.
+
+**Files that cannot be read.** Local data files are the user's data, so nothing is dropped silently: a file
+that is not UTF-8 (a binary file matched by a glob, another encoding), a ``.jsonl`` line that is not a JSON
+object, a record without ``text_field`` or whose text is not a string, or a file that is not parquet raises
+:class:`DataFileError` naming the file (and the line, for text and JSON lines) and the cause. Reading stays
+one streamed ``load_dataset`` over all the files; only when it fails are the files re-read one by one, with
+strict readers, to find the culprit. The default corpus keeps its behaviour of skipping a stdlib file that
+cannot be read (it is the interpreter's own tree; one odd file must not stop offline training), but now with
+a warning naming the file.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 import os
 import sys
 import sysconfig
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-__all__ = ["TextSource", "stdlib_files", "DEFAULT_CORPUS"]
+__all__ = ["TextSource", "stdlib_files", "DEFAULT_CORPUS", "DataFileError"]
 
 DEFAULT_CORPUS = "python-stdlib"
 _STDLIB_SKIP = {
@@ -35,6 +47,15 @@ _STDLIB_SKIP = {
 }
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
              ".parquet": "parquet"}
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read as its format: ``path``, ``line`` (1-based, or ``None``) and ``reason``."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, reason: str) -> None:
+        self.path, self.line, self.reason = Path(path), line, reason
+        where = f"{self.path}, line {line}" if line is not None else str(self.path)
+        super().__init__(f"{where}: {reason}")
 
 
 def stdlib_files(root: str | os.PathLike | None = None) -> list[Path]:
@@ -124,23 +145,123 @@ class TextSource:
             for f in stdlib_files():
                 try:
                     yield f.read_text(encoding="utf-8")
-                except (UnicodeDecodeError, OSError):
-                    continue
+                except (UnicodeDecodeError, OSError) as e:
+                    warnings.warn(f"default corpus: skipping {f}, which cannot be read as UTF-8 text ({e})",
+                                  stacklevel=3)
             return
         from datasets import load_dataset
 
         if self.dataset is not None:
-            ds = load_dataset(self.dataset, self.dataset_config, split=self.split, streaming=True)
-        else:
-            builder = _BUILDERS[Path(self._files[0]).suffix.lower()]
-            kwargs = {"sample_by": self.text_sample_by} if builder == "text" else {}
-            ds = load_dataset(builder, data_files=self._files, split="train", streaming=True, **kwargs)
-        for row in ds:
-            text = row.get(self.text_field)
-            if text is None:
-                raise KeyError(f"documents have no field {self.text_field!r} (fields: {sorted(row)}); "
-                               "set text_field")
-            yield text
+            for row in load_dataset(self.dataset, self.dataset_config, split=self.split, streaming=True):
+                yield self._text_of(row)
+            return
+        builder = _BUILDERS[Path(self._files[0]).suffix.lower()]
+        kwargs = {"sample_by": self.text_sample_by} if builder == "text" else {}
+        try:
+            for row in load_dataset(builder, data_files=self._files, split="train", streaming=True, **kwargs):
+                yield self._text_of(row)
+        except Exception as e:  # find which file, and where, with strict readers (only on this failure path)
+            culprit = _find_unreadable(self._files, builder, self.text_field)
+            if culprit is None:
+                raise
+            raise culprit from e
+
+    def _text_of(self, row: dict) -> str:
+        text = row.get(self.text_field)
+        if text is None:
+            raise KeyError(f"documents have no field {self.text_field!r} (fields: {sorted(row)}); set text_field")
+        if not isinstance(text, str):
+            raise TypeError(f"field {self.text_field!r} holds {type(text).__name__}, not text")
+        return text
+
+
+def _find_unreadable(files: Sequence[str], builder: str, text_field: str) -> DataFileError | None:
+    """The first of ``files`` that cannot be read as ``builder`` ("text" / "json" / "parquet"), or ``None``."""
+    check = {"text": _check_text_file, "json": _check_json_file, "parquet": _check_parquet_file}[builder]
+    for f in files:
+        try:
+            problem = check(Path(f), text_field)
+        except OSError as e:
+            problem = DataFileError(f, None, f"cannot be read ({e})")
+        if problem is not None:
+            return problem
+    return None
+
+
+def _utf8_fault(path: Path, offset: int, err: UnicodeDecodeError, line: int) -> DataFileError:
+    bad = err.object[err.start:err.start + 1].hex()
+    return DataFileError(path, line, f"is not UTF-8 text (byte 0x{bad} at byte offset {offset + err.start}: "
+                                     f"{err.reason}); a binary file, or text in another encoding?")
+
+
+def _check_text_file(path: Path, text_field: str) -> DataFileError | None:
+    """Decode ``path`` strictly as UTF-8 in chunks; the line of the first invalid byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset, line = 0, 1
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:  # e.object is the pending bytes plus this chunk
+                pending = len(e.object) - len(chunk)
+                return _utf8_fault(path, offset - pending, e, line + e.object.count(b"\n", 0, e.start))
+            if not chunk:
+                return None
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+
+
+def _check_json_file(path: Path, text_field: str) -> DataFileError | None:
+    """Check ``path`` as JSON lines (or, for ``.json``, one JSON document that datasets accepts)."""
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(path.read_bytes().decode("utf-8"))
+            return None  # one JSON document: not something these line checks can fault
+        except ValueError:
+            pass
+    offset = 0
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return _utf8_fault(path, offset, e, number)
+            offset += len(raw)
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                return DataFileError(path, number, f"is not valid JSON ({e.msg}, column {e.colno})")
+            if not isinstance(record, dict):
+                return DataFileError(path, number, f"is a JSON {type(record).__name__}, not an object")
+            if text_field not in record:
+                return DataFileError(path, number, f"has no field {text_field!r} (fields: {sorted(record)}); "
+                                                   "set text_field")
+            if not isinstance(record[text_field], str):
+                return DataFileError(path, number, f"field {text_field!r} holds "
+                                                   f"{type(record[text_field]).__name__}, not a string")
+    return None
+
+
+def _check_parquet_file(path: Path, text_field: str) -> DataFileError | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            return DataFileError(path, None, f"has no column {text_field!r} (columns: {names}); set text_field")
+        kind = pf.schema_arrow.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            return DataFileError(path, None, f"column {text_field!r} holds {kind}, not strings")
+        for _ in pf.iter_batches(columns=[text_field]):  # reads (and so checks) every page of the column
+            pass
+    except (pa.ArrowException, ValueError) as e:
+        return DataFileError(path, None, f"is not a readable parquet file ({e})")
+    return None
 
 
 def _expand(data_files: Sequence[str] | str) -> list[str]:
