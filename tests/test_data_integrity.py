@@ -220,6 +220,9 @@ def test_tokenizer_file_given_by_path_is_refused_with_its_name(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(ValueError, match=rf"{bad}: not a valid tokenizers tokenizer.json"):
         load_tokenizer(str(bad))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match=rf"{tmp_path}: cannot load a transformers tokenizer from it"):
+        load_tokenizer(str(tmp_path))  # a directory: transformers' loader, named with the cause
 
 
 def test_ranks_racing_on_a_damaged_cache_rebuild_it_once(pristine, tmp_path, monkeypatch):

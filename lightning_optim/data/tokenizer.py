@@ -198,7 +198,13 @@ def load_tokenizer(spec: str, source=None, cache_dir: str | os.PathLike | None =
 
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(p) if p.exists() else spec, use_fast=True)
+    if p.exists():
+        try:
+            hf = AutoTokenizer.from_pretrained(str(p), use_fast=True)
+        except Exception as e:  # a local directory: name it with the cause (transformers' message may not)
+            raise ValueError(f"{p}: cannot load a transformers tokenizer from it ({type(e).__name__}: {e})") from e
+    else:
+        hf = AutoTokenizer.from_pretrained(spec, use_fast=True)
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"tokenizer {spec!r} has no fast (Rust) backend; use a fast tokenizer")
