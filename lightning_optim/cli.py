@@ -2,6 +2,7 @@
 
     lightning-optim list                                   every optimizer and schedule
     lightning-optim info muon                              one optimizer's spec
+    lightning-optim info wsd                               one schedule's defaults
     lightning-optim memory --params 7e9 --optimizer adamw  parameters / gradients / state / total
     lightning-optim memory --preset 124m --optimizer muon --weight-dtype bf16 --state-dtype fp32 --shard 8
 """
@@ -38,7 +39,21 @@ def _list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_info(name: str) -> int:
+    spec = get_scheduler_spec(name)
+    print(f"name:        {spec.name} (schedule)" + (f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""))
+    print(f"description: {spec.description}")
+    print(f"horizon:     {'needs total_steps (default: the Trainer' + chr(39) + 's max_steps)' if spec.needs_total_steps else 'none needed'}")
+    print("defaults:")
+    print("  warmup_steps = 0")
+    for k, v in spec.defaults.items():
+        print(f"  {k} = {v!r}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
+    if args.name.strip().lower().replace("_", "-") in available_schedulers():
+        return _schedule_info(args.name)
     spec = get_optimizer_spec(args.name)
     print(f"name:        {spec.name}" + (f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""))
     print(f"family:      {spec.family}")
@@ -81,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-optim", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every registered optimizer and schedule").set_defaults(func=_list)
-    info = sub.add_parser("info", help="one optimizer's spec")
+    info = sub.add_parser("info", help="one optimizer's or schedule's spec")
     info.add_argument("name")
     info.set_defaults(func=_info)
     mem = sub.add_parser("memory", help="parameters / gradients / optimizer state / total")
@@ -91,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--optimizer", default="adamw", help="registry name, or 'all'")
     mem.add_argument("--weight-dtype", default="float32")
     mem.add_argument("--grad-dtype", default=None, help="default: the weight dtype")
-    mem.add_argument("--state-dtype", default=None, help="default: the weight dtype")
+    mem.add_argument("--state-dtype", default=None,
+                     help="default: the weight dtype. For optimizers with a state_dtype option (lion, signum, adopt, "
+                          "ademamix, mars, prodigy, the Muon family) only the tensors that option stores in low "
+                          "precision, e.g. bf16; the rest keep the weight dtype (each row shows its dtype)")
     mem.add_argument("--master-dtype", default=None, help="add a master copy of the weights in this dtype")
     mem.add_argument("--shard", type=int, default=1, help="FSDP sharding factor (ranks)")
     mem.add_argument("--sharding", default="full", choices=["full", "grad_op", "optimizer"],
