@@ -40,8 +40,8 @@ def test_global_clipping_logs_norms_and_respects_threshold():
     max_norm = 0.05
     t = trainer([before, GradientClipping(max_norm=max_norm), after], 12, logger=logger, log_every_n_steps=1)
     t.fit(TinyLM(lr=1e-3), loader())
-    logged_before = [v for _, v in logger.history["grad_norm/before"]]
-    logged_after = [v for _, v in logger.history["grad_norm/after"]]
+    logged_before = [v for _, v in logger.history["train/grad_norm"]]
+    logged_after = [v for _, v in logger.history["train/grad_norm_clipped"]]
     assert len(logged_after) == 12
     assert logged_before == pytest.approx(before.global_norms, rel=1e-5)
     assert all(v <= max_norm for v in logged_after)

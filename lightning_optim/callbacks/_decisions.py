@@ -7,7 +7,8 @@ forward and backward, then the hook), so a callback cannot stop the step from ru
 is not a skip either: Adam's moments still decay, weight decay still shrinks the weights, step counters move,
 and ``0·NaN = NaN`` still poisons the state. :class:`StepGate` makes the step a no-op instead:
 
-1. when a callback decides to drop the step (the decision already reduced across ranks), the gate copies the
+1. when a callback decides to drop the step (the decision already reduced across ranks, see
+   :mod:`~lightning_optim.callbacks._loss_watch`), the gate copies the
    optimizer's parameters, every tensor in ``optimizer.state`` and the non-tensor group hyperparameters (the
    local shard for FSDP2 ``DTensor`` parameters and state), then replaces the gradients with zeros so that the
    optimizer's arithmetic stays finite (some optimizers raise on NaN input, e.g. eigendecompositions);
@@ -17,7 +18,7 @@ and ``0·NaN = NaN`` still poisons the state. :class:`StepGate` makes the step a
 The result is bitwise the pre-step state, whatever the optimizer keeps (hybrid Muon+AdamW, schedule-free
 ``z``/``x`` buffers, per-group counters). The copy is taken only on dropped steps (rare), by default on the CPU
 so that a spike never costs GPU memory. If the step never runs (a ``GradScaler`` skipping an inf step), the
-callbacks call :meth:`StepGate.finish` from ``on_train_batch_end`` and the restore happens there.
+callbacks call :meth:`StepGate.finish_all` from ``on_train_batch_end`` and the restore happens there.
 
 Rollback
 --------
@@ -36,23 +37,11 @@ from torch import Tensor
 
 from lightning_optim.callbacks._norms import local
 
-__all__ = ["StepGate", "Snapshot", "TrainingUnstableError", "any_rank", "scale_peak_lr", "find_callback"]
+__all__ = ["StepGate", "Snapshot", "TrainingUnstableError", "scale_peak_lr", "find_callback"]
 
 
 class TrainingUnstableError(RuntimeError):
     """Raised when a stability callback gives up (too many non-finite steps, spikes or rollbacks)."""
-
-
-def any_rank(trainer: Any, flag: Tensor | bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank: one all-reduce and one host sync."""
-    strategy = getattr(trainer, "strategy", None)
-    if not isinstance(flag, Tensor):
-        flag = torch.tensor(bool(flag))
-    device = getattr(strategy, "root_device", flag.device) if strategy is not None else flag.device
-    value = flag.detach().reshape(()).to(device=device, dtype=torch.float32)
-    if strategy is not None and getattr(trainer, "world_size", 1) > 1:
-        value = strategy.reduce(value.clone(), reduce_op="sum")
-    return bool(value.item() > 0)
 
 
 def find_callback(trainer: Any, cls_name: str) -> Any:
@@ -164,8 +153,29 @@ class StepGate:
             gate = cls._gates[optimizer] = cls(optimizer, device)
         return gate
 
+    @classmethod
+    def get(cls, optimizer: torch.optim.Optimizer) -> "StepGate | None":
+        """The gate of ``optimizer`` if one was created (no gate is created here)."""
+        return cls._gates.get(optimizer)
+
+    @classmethod
+    def dropping(cls, optimizer: torch.optim.Optimizer) -> bool:
+        """True while a drop of ``optimizer``'s running step is pending (some callback already dropped it)."""
+        gate = cls._gates.get(optimizer)
+        return gate is not None and gate.armed
+
+    @classmethod
+    def finish_all(cls, optimizers: "list[torch.optim.Optimizer]") -> None:
+        """Finish every pending drop of these optimizers: restore now if the step did not run (a GradScaler
+        skipped it) or will not run (a callback is about to raise inside the closure)."""
+        for opt in optimizers:
+            gate = cls._gates.get(opt)
+            if gate is not None and gate.armed:
+                gate.finish()
+
     @property
     def armed(self) -> bool:
+        """A drop is pending: the pre-step copy is held and will be restored after the step."""
         return self._snapshot is not None
 
     def drop(self, then: Callable[[], None] | None = None) -> None:

@@ -86,26 +86,6 @@ def reduce_squared(sq: Tensor, tensors: Sequence[Tensor], sharded_plain: bool = 
     return sq
 
 
-def global_norm(tensors: Sequence[Tensor], sharded_plain: bool = False) -> Tensor:
-    """The L2 norm of all ``tensors`` together, as a float32 0-d tensor on device (full under FSDP/FSDP2)."""
-    if not tensors:
-        return torch.zeros(())
-    sq = squared_norms(tensors)
-    groups = [shard_group(t) for t in tensors]
-    group = next((g for g in groups if g is not None), None)
-    if group is None and not sharded_plain:
-        return sq.sum().sqrt()
-    mask = torch.tensor([g is not None or sharded_plain for g in groups], device=sq.device)
-    parts = torch.stack([sq[~mask].sum(), sq[mask].sum()])
-    if group is None:
-        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-    if group is not None:
-        shard_part = parts[1:].clone()
-        dist.all_reduce(shard_part, op=dist.ReduceOp.SUM, group=group)
-        parts = torch.cat([parts[:1], shard_part])
-    return parts.sum().sqrt()
-
-
 def is_fsdp1(trainer) -> bool:
     """Lightning's FSDPStrategy (FSDP1): parameters are flat shards that are plain tensors."""
     try:

@@ -12,8 +12,13 @@ Example::
 It runs in ``on_before_optimizer_step`` (gradients complete and unscaled; under DDP already all-reduced).
 All arithmetic stays on the device: squared norms from ``torch._foreach_norm``, one ``all_reduce`` of the
 sharded part for FSDP2 ``DTensor`` shards (equal to ``vector_norm(g).full_tensor()``) or FSDP1 flat shards, and
-the clip coefficient applied with ``torch._foreach_mul_`` as a device tensor — no host sync at all; the norms
-are logged through ``pl_module.log`` as tensors, which Lightning reads only on logging steps. Lightning's own
+the clip coefficient applied with ``torch._foreach_mul_`` as a device tensor — no host sync at all. The squared
+norms are the step's shared ones (:mod:`~lightning_optim.callbacks._step_norms`): ``NonFiniteGuard`` and
+``LossSpikeDetector`` use the same measurement, so the three callbacks together make one ``_foreach_norm`` pass
+per step, in any order; after scaling, the clipped norms (``c²‖g‖²``) are handed back to the cache, and gradients
+changed in place by anything else are measured again. The norms are logged through ``pl_module.log`` as device
+tensors: Lightning stores them and converts them to numbers (``.item()``) only on the steps it writes to the
+loggers (every ``log_every_n_steps``), so logging every step costs no host sync. Lightning's own
 ``gradient_clip_algorithm="norm"`` refuses FSDP; this works there.
 
 Modes:
@@ -30,9 +35,11 @@ Modes:
   ``z_thresh = 2.5``, 25 warm-up steps. (As in the reference code, the EMA is fed the adaptive clip value
   on a spike and the raw norm otherwise, before the optional ``max_norm`` cap.) Non-finite norms leave the gradients and the statistics untouched.
 
-Logged: ``grad_norm/before`` and ``grad_norm/after`` (global norms; per-layer mode also logs
-``grad_norm/clipped_layers``), and for adaptive mode ``grad_norm/ema_mean``, ``grad_norm/ema_std``.
-``state_dict`` keeps ``max_norm``, ``clip_factor`` (both tightened by rollbacks) and the ZClip statistics.
+Logged every step: ``train/grad_norm`` (global norm before clipping) and ``train/grad_norm_clipped`` (after);
+per-layer mode also logs ``train/grad_norm_clipped_layers`` (how many layers were clipped), adaptive mode
+``train/grad_norm_ema_mean`` and ``train/grad_norm_ema_std``. ``state_dict`` keeps ``max_norm``,
+``clip_factor`` (both tightened by rollbacks) and the ZClip statistics. ``enabled=False`` turns the callback into
+a no-op (it then does not clip and does not object to ``Trainer(gradient_clip_val=...)``).
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_optim.callbacks._norms import LayerIndex, is_fsdp1, local, reduce_squared, squared_norms
+from lightning_optim.callbacks._norms import LayerIndex, local
+from lightning_optim.callbacks._step_norms import StepGradNorms
 
 __all__ = ["GradientClipping", "zclip_threshold"]
 
@@ -74,6 +82,7 @@ class GradientClipping(Callback):
         mode: ``"global"``, ``"per_layer"`` or ``"adaptive"``.
         alpha, z_thresh, warmup_steps, eps, clip_option, clip_factor: ZClip settings (adaptive mode).
         log: log the norms before and after clipping.
+        enabled: ``False`` makes the callback do nothing at all.
     """
 
     def __init__(
@@ -87,6 +96,7 @@ class GradientClipping(Callback):
         clip_option: str = "adaptive_scaling",
         clip_factor: float = 1.0,
         log: bool = True,
+        enabled: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -109,6 +119,7 @@ class GradientClipping(Callback):
         self.clip_option = clip_option
         self.clip_factor = clip_factor
         self.log = log
+        self.enabled = bool(enabled)
         # ZClip statistics (device tensors once training runs)
         self._warmup: list[Tensor] = []
         self.mean: Tensor | None = None
@@ -143,32 +154,38 @@ class GradientClipping(Callback):
 
     # ---------------------------------------------------------------- hook
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        if not self.enabled:
+            return
         if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
             raise ValueError("GradientClipping replaces Trainer(gradient_clip_val=...): set only one of them")
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return
-        grads = [p.grad for p in params]
-        fsdp1 = is_fsdp1(trainer)
-        sq = reduce_squared(squared_norms(grads), grads, sharded_plain=fsdp1)
+        norms = StepGradNorms.of(trainer, optimizer)
+        grads, sq = norms.squared([p.grad for p in params])
         norm = sq.sum().sqrt()
         finite = torch.isfinite(norm)
         if self.mode == "per_layer":
             after = self._clip_per_layer(pl_module, params, grads, sq, finite)
-            after_norm = after.sum().sqrt()
         else:
             threshold = self._threshold(norm, finite)
             coef = torch.where(finite & (norm > threshold), threshold / (norm + 1e-6), torch.ones_like(norm))
             coef = coef.clamp(max=1.0)
             torch._foreach_mul_([local(g) for g in grads], coef.to(local(grads[0]).device))
-            after_norm = norm * coef
+            after = sq * coef * coef
+        norms.rescaled(grads, after)
+        after_norm = after.sum().sqrt()
         self.last_norm, self.last_clipped_norm = norm, after_norm
         if self.log:
-            pl_module.log("grad_norm/before", norm, on_step=True, on_epoch=False)
-            pl_module.log("grad_norm/after", after_norm, on_step=True, on_epoch=False)
+            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            pl_module.log("train/grad_norm_clipped", after_norm, on_step=True, on_epoch=False)
             if self.mode == "adaptive" and self.mean is not None:
-                pl_module.log("grad_norm/ema_mean", self.mean, on_step=True, on_epoch=False)
-                pl_module.log("grad_norm/ema_std", self.var.clamp_min(0).sqrt(), on_step=True, on_epoch=False)
+                pl_module.log("train/grad_norm_ema_mean", self.mean, on_step=True, on_epoch=False)
+                pl_module.log("train/grad_norm_ema_std", self.var.clamp_min(0).sqrt(), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.enabled:  # a step that never ran (GradScaler skipped it) leaves no cached norms behind
+            StepGradNorms.clear_all(list(getattr(trainer, "optimizers", [])))
 
     def _threshold(self, norm: Tensor, finite: Tensor) -> Tensor:
         cap = torch.full_like(norm, float("inf") if self.max_norm is None else self.max_norm)
@@ -213,7 +230,7 @@ class GradientClipping(Callback):
         device = local(grads[0]).device
         torch._foreach_mul_([local(g) for g in grads], list(per_param.to(device).unbind()))
         if self.log:
-            pl_module.log("grad_norm/clipped_layers", (coef < 1).sum().float(), on_step=True, on_epoch=False)
+            pl_module.log("train/grad_norm_clipped_layers", (coef < 1).sum().float(), on_step=True, on_epoch=False)
         return sq * per_param ** 2
 
     def _layer_of(self, pos: dict[int, int], p: Tensor) -> int:

@@ -52,11 +52,12 @@ class LayerNormMonitor(Callback):
         state_keys: optimizer state entries to report when present and shaped like the parameter.
         histograms: also write TensorBoard histograms of the per-layer norms (TensorBoardLogger only).
         prefix: the metric prefix (``norms``).
+        enabled: ``False`` makes the callback do nothing at all (for recipes that add it by default).
     """
 
     def __init__(self, every_n_steps: int = 50, group_by: str = "module",
                  state_keys: Sequence[str] = ("exp_avg", "exp_avg_sq", "momentum_buffer"),
-                 histograms: bool = False, prefix: str = "norms") -> None:
+                 histograms: bool = False, prefix: str = "norms", enabled: bool = True) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if group_by not in ("module", "parameter"):
@@ -66,6 +67,7 @@ class LayerNormMonitor(Callback):
         self.state_keys = tuple(state_keys)
         self.histograms = histograms
         self.prefix = prefix
+        self.enabled = bool(enabled)
         self.last_metrics: dict[str, float] = {}
         self._index: LayerIndex | None = None
         self._pending: dict[str, Tensor] | None = None
@@ -79,9 +81,12 @@ class LayerNormMonitor(Callback):
         pass  # settings come from the constructor; nothing else is needed to resume
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._index = LayerIndex(pl_module, by=self.group_by)
+        if self.enabled:
+            self._index = LayerIndex(pl_module, by=self.group_by)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        if not self.enabled:
+            return
         self._step = trainer.global_step
         if self._step % self.every_n_steps != 0 or self._index is None:
             self._pending = None
@@ -114,7 +119,7 @@ class LayerNormMonitor(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         pending, self._pending = self._pending, None
         before, self._before = self._before, None
-        if pending is None:
+        if pending is None:  # not a logging step, or disabled
             return
         with torch.no_grad():  # after the step (and after any restore by a skip or a rollback)
             pending["update"] = squared_norms(torch._foreach_sub([local(p.detach()) for p in self._index.params],

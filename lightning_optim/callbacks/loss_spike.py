@@ -34,8 +34,19 @@ Actions:
 Giving up raises :class:`~lightning_optim.callbacks._decisions.TrainingUnstableError` (``on_give_up="raise"``)
 or sets ``trainer.should_stop`` (``"stop"``), with a message that says what happened.
 
+**Cost and ownership.** The detector is a :class:`~lightning_optim.callbacks._loss_watch.LossWatch`: its test
+``loss > mean + threshold·std`` (the same as ``z > threshold``; ``mean`` and ``std`` of the window are known on
+the host before the step) runs on device, the per-rank flags are summed in the decision round that all loss
+watchers share, and the loss comes to the host in that round's single sync — one all-reduce and one host sync
+per step for the detector and ``NonFiniteGuard`` together. The gradient norm is the step's shared norm before
+clipping (:mod:`~lightning_optim.callbacks._step_norms`), whatever the order of the callbacks. A step with a
+non-finite loss or gradient belongs to ``NonFiniteGuard`` when one is enabled in the Trainer (it decides first):
+the detector then does not count it, does not roll back for it and keeps its loss out of the window; without a
+guard the detector treats it as a spike. A step another callback already dropped is ignored the same way.
+
 ``state_dict`` holds the windows, the counters and the cumulative lr factor, so a resumed run keeps detecting
-from where it was (the scaled ``base_lrs`` are in the scheduler's own state).
+from where it was (the scaled ``base_lrs`` are in the scheduler's own state). ``enabled=False`` turns every hook
+into a no-op (for recipes that add the detector by default).
 """
 
 from __future__ import annotations
@@ -45,29 +56,32 @@ from collections import deque
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_optim.callbacks._decisions import (
-    Snapshot, StepGate, TrainingUnstableError, any_rank, find_callback, scale_peak_lr,
-)
-from lightning_optim.callbacks._norms import global_norm, is_fsdp1
+from lightning_optim.callbacks._decisions import Snapshot, StepGate, TrainingUnstableError, find_callback, scale_peak_lr
+from lightning_optim.callbacks._loss_watch import LossWatch, Terms, Verdict
+from lightning_optim.callbacks._step_norms import StepGradNorms
 
 __all__ = ["LossSpikeDetector"]
 
 ACTIONS = ("log", "skip", "rollback")
 
 
-def one_sided_z(value: float, history: "deque[float]") -> float:
-    """``(value - mean)/std`` of ``history`` (population std, floored at 1e-8·|mean| + 1e-12)."""
+def window_stats(history: "deque[float]") -> tuple[float, float]:
+    """``(mean, std)`` of ``history``: population std, floored at 1e-8·|mean| + 1e-12."""
     n = len(history)
     mean = sum(history) / n
     var = sum((x - mean) ** 2 for x in history) / n
-    std = max(math.sqrt(var), 1e-8 * abs(mean) + 1e-12)
+    return mean, max(math.sqrt(var), 1e-8 * abs(mean) + 1e-12)
+
+
+def one_sided_z(value: float, history: "deque[float]") -> float:
+    """``(value - mean)/std`` of ``history`` (see :func:`window_stats`)."""
+    mean, std = window_stats(history)
     return (value - mean) / std
 
 
-class LossSpikeDetector(Callback):
+class LossSpikeDetector(LossWatch):
     """Detect loss (and gradient-norm) spikes with a rolling z-score and log, skip or roll back.
 
     Args:
@@ -84,7 +98,10 @@ class LossSpikeDetector(Callback):
         rollback_source: ``"memory"`` or ``"checkpoint"`` (falls back to memory when no checkpoint exists yet).
         on_give_up: ``"raise"`` or ``"stop"``.
         snapshot_device: where snapshots live (``"cpu"``; ``None``: beside the tensors).
+        enabled: ``False`` makes the callback do nothing at all.
     """
+
+    priority = 10  # after NonFiniteGuard: a non-finite step is the guard's
 
     def __init__(
         self,
@@ -101,6 +118,7 @@ class LossSpikeDetector(Callback):
         rollback_source: str = "memory",
         on_give_up: str = "raise",
         snapshot_device: str | None = "cpu",
+        enabled: bool = True,
     ) -> None:
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
@@ -116,6 +134,7 @@ class LossSpikeDetector(Callback):
             raise ValueError(f"rollback_source must be 'memory' or 'checkpoint', got {rollback_source!r}")
         if on_give_up not in ("raise", "stop"):
             raise ValueError(f"on_give_up must be 'raise' or 'stop', got {on_give_up!r}")
+        super().__init__(enabled=enabled)
         self.action = action
         self.window = window
         self.threshold = threshold
@@ -139,7 +158,6 @@ class LossSpikeDetector(Callback):
         self.lr_scale = 1.0
         self.events: list[dict[str, float]] = []  # last few events, for inspection
         # transient
-        self._loss: torch.Tensor | None = None
         self._snapshot: Snapshot | None = None
         self._snapshot_step = -1
         self._dropped_this_step = False
@@ -164,36 +182,51 @@ class LossSpikeDetector(Callback):
 
     # ---------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.action == "rollback" and self._snapshot is None:
+        if self.enabled and self.action == "rollback" and self._snapshot is None:
             self._take_snapshot(trainer, pl_module)
 
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        value = loss.detach().float()
-        self._loss = value if self._loss is None else self._loss + value
+    # ---------------------------------------------------------------- the round
+    def step_terms(self, trainer: Any, optimizer: torch.optim.Optimizer, norms: StepGradNorms) -> Terms | None:
+        loss = self.take_loss()
+        if loss is None:
+            return None
+        nonfinite = ~torch.isfinite(loss)
+        spike, z_loss = self._device_test(loss, self.losses)
+        values, extra = [loss], {"z_loss": z_loss, "z_grad": None}
+        if self.monitor_grad_norm:
+            gnorm = norms.before_clipping().to(loss.device)
+            nonfinite = nonfinite | ~torch.isfinite(gnorm)
+            spike_g, extra["z_grad"] = self._device_test(gnorm, self.grad_norms)
+            spike = spike | spike_g
+            values.append(gnorm)
+        return Terms(flags=[nonfinite, spike], values=values, extra=extra)
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+    def _device_test(self, value: torch.Tensor, history: "deque[float]") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(isfinite(value) & value > mean + threshold·std, z)`` on device; no decision before ``min_history``."""
+        if len(history) < self.min_history:
+            return torch.zeros((), dtype=torch.bool, device=value.device), None
+        mean, std = window_stats(history)
+        wide = value.double() if value.device.type != "mps" else value  # compare in float64 where supported
+        return torch.isfinite(value) & (wide > mean + self.threshold * std), (value - mean) / std
+
+    def claims(self, verdict: Verdict) -> bool:
+        return verdict.claimed_by is None and self.action != "log" and (verdict.flags[0] > 0 or verdict.flags[1] > 0)
+
+    def on_verdict(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer, verdict: Verdict) -> None:
         self._dropped_this_step = False
         self._stepped = True
-        if self._loss is None:
-            return
-        values = [self._loss.reshape(())]
-        self._loss = None
-        if self.monitor_grad_norm:
-            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            values.append(global_norm(grads, sharded_plain=is_fsdp1(trainer)).to(values[0].device))
-        host = torch.stack(values).double().cpu().tolist()  # the one host sync of the step
-        loss = host[0]
-        gnorm = host[1] if self.monitor_grad_norm else None
+        if verdict.claimed_by is not None or StepGate.dropping(optimizer):
+            return  # another callback drops this step (a non-finite one is the guard's): not ours, not in the window
+        loss = verdict.values[0]
+        gnorm = verdict.values[1] if self.monitor_grad_norm else None
         z_loss = self._z(loss, self.losses)
         z_grad = self._z(gnorm, self.grad_norms) if gnorm is not None else None
-        local_flag = not math.isfinite(loss) or (gnorm is not None and not math.isfinite(gnorm))
-        local_flag = local_flag or any(z is not None and z > self.threshold for z in (z_loss, z_grad))
-        spike = any_rank(trainer, local_flag)
+        spike = verdict.flags[0] > 0 or verdict.flags[1] > 0
 
-        if z_loss is not None:
-            pl_module.log("stability/loss_z", z_loss, on_step=True, on_epoch=False)
+        if z_loss is not None:  # device tensors: logging them costs no host sync
+            pl_module.log("stability/loss_z", verdict.extra["z_loss"], on_step=True, on_epoch=False)
         if z_grad is not None:
-            pl_module.log("stability/grad_norm_z", z_grad, on_step=True, on_epoch=False)
+            pl_module.log("stability/grad_norm_z", verdict.extra["z_grad"], on_step=True, on_epoch=False)
 
         if not spike or self.action == "log":
             self.consecutive = self.consecutive + 1 if spike else 0
@@ -224,17 +257,13 @@ class LossSpikeDetector(Callback):
         self._record(trainer, loss, z_loss, z_grad, "rollback")
         gate.drop(then=lambda: self._rollback(trainer, pl_module))
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        for opt in trainer.optimizers:  # the step never ran (e.g. GradScaler skipped it): restore here
-            gate = StepGate._gates.get(opt)
-            if gate is not None and gate.armed:
-                gate.finish()
+    def after_batch(self, trainer: Any, pl_module: Any) -> None:
         if self._stepped:
             self._stepped = False
             if self.spikes:
-                pl_module.log("stability/spikes", float(self.spikes), on_step=True, on_epoch=False)
-                pl_module.log("stability/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
-                pl_module.log("stability/rollbacks", float(self.rollbacks), on_step=True, on_epoch=False)
+                self.log_count(pl_module, "stability/spikes", float(self.spikes))
+                self.log_count(pl_module, "stability/skipped_steps", float(self.skipped))
+                self.log_count(pl_module, "stability/rollbacks", float(self.rollbacks))
             if (self.action == "rollback" and not self._dropped_this_step and self.snapshot_every > 0
                     and trainer.global_step % self.snapshot_every == 0 and trainer.global_step != self._snapshot_step):
                 self._take_snapshot(trainer, pl_module)
@@ -311,10 +340,7 @@ class LossSpikeDetector(Callback):
             f"peak lr x{self.lr_scale:.3g}. Lower the learning rate, tighten clipping or inspect the data."
         )
         if self.on_give_up == "raise":
-            for opt in trainer.optimizers:
-                gate = StepGate._gates.get(opt)
-                if gate is not None:
-                    gate.finish()
+            StepGate.finish_all(list(trainer.optimizers))  # raising inside the closure skips the post-hook
             raise TrainingUnstableError(self.stop_reason)
         rank_zero_warn(self.stop_reason, category=RuntimeWarning)
         trainer.should_stop = True

@@ -93,8 +93,8 @@ def main(out: Path) -> None:
                 logger=logger, log_every_n_steps=1)
     t.fit(model, loader(batch_size=8))
     rank = t.global_rank
-    logged_before = [v for _, v in logger.history.get("grad_norm/before", [])]
-    logged_after = [v for _, v in logger.history.get("grad_norm/after", [])]
+    logged_before = [v for _, v in logger.history.get("train/grad_norm", [])]
+    logged_after = [v for _, v in logger.history.get("train/grad_norm_clipped", [])]
     finite_norms = [n for n in probe.full_norms if math.isfinite(n)]
     (w0, s0), (w1, s1) = probe.before, probe.after
     result = {
