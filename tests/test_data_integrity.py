@@ -225,6 +225,43 @@ def test_tokenizer_file_given_by_path_is_refused_with_its_name(tmp_path):
         load_tokenizer(str(tmp_path))  # a directory: transformers' loader, named with the cause
 
 
+def _read_only(monkeypatch, root):
+    """Make ``root`` behave as read-only for this process (the tests run as root, so chmod would not)."""
+    import builtins
+
+    from lightning_optim.data import _cache
+
+    real_open, real_access = builtins.open, os.access
+
+    def open_(path, mode="r", *args, **kwargs):
+        if str(path).startswith(str(root)) and any(c in mode for c in "wa+"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    def access(path, mode, *args, **kwargs):
+        return False if str(path).startswith(str(root)) and mode & os.W_OK else real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(_cache, "open", open_, raising=False)
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_read_only_cache_is_read_when_good_and_refused_by_name_when_damaged(pristine, tmp_path, monkeypatch):
+    files, _, _ = pristine
+    dm = _copy(pristine, tmp_path)
+    for lock in (tmp_path / "cache").rglob(".*.lock"):
+        lock.unlink()  # a copy without lock files: readers go unlocked
+    _read_only(monkeypatch, tmp_path / "cache")
+    dm.setup("fit")
+    assert dm.train_tokens.num_tokens > 0
+    os.truncate(dm.token_dir / "train_00000.bin", 10)
+    with pytest.raises(CacheError, match=r"train_00000\.bin: is 10 bytes .* cannot be rebuilt because .* not writable"):
+        _module(files, tmp_path / "cache").setup("fit")
+    (path,) = (tmp_path / "cache" / "tokenizers").glob("*/tokenizer.json")
+    path.write_bytes(b"garbage{")
+    with pytest.raises(CacheError, match=r"tokenizer\.json: is 8 bytes .* cannot be rebuilt because .* not writable"):
+        _module(files, tmp_path / "cache").tokenizer  # noqa: B018
+
+
 def test_ranks_racing_on_a_damaged_cache_rebuild_it_once(pristine, tmp_path, monkeypatch):
     files, _, _ = pristine
     dm = _copy(pristine, tmp_path)

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["default_cache_dir", "file_lock", "atomic_dir", "atomic_write_text", "file_sha256", "CacheError",
-           "CacheWarning", "CHUNK_BYTES"]
+__all__ = ["default_cache_dir", "file_lock", "atomic_dir", "atomic_write_text", "file_sha256",
+           "refuse_unwritable", "CacheError", "CacheWarning", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 8 << 20
 
@@ -47,12 +47,23 @@ def file_lock(path: str | os.PathLike, shared: bool = False) -> Iterator[None]:
     """A ``flock`` on ``path`` (processes on one machine, e.g. the ranks of a DDP run).
 
     Exclusive by default (the writer); ``shared=True`` for readers, who may hold it together but never while a
-    writer does.
+    writer does. A reader of a cache it cannot write (a read-only copy) locks the existing lock file opened
+    read-only, or reads unlocked when there is none (then it cannot exclude a writer who has write access).
     """
     import fcntl
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+    except OSError:
+        if not shared:
+            raise
+        try:
+            fh = open(path)
+        except OSError:
+            yield
+            return
+    with fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
@@ -83,6 +94,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[str]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_unwritable(fault: CacheError, directory: Path) -> None:
+    """Raise ``fault`` with the reason it cannot be repaired if ``directory`` (holding the entry) is read-only."""
+    if directory.exists() and not os.access(directory, os.W_OK):
+        raise CacheError(fault.path, f"{fault.reason}; it cannot be rebuilt because {directory} is not writable")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

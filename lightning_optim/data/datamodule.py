@@ -29,7 +29,8 @@ file lock. A fault — a shard overwritten, truncated or holding ids outside the
 ``meta.json`` — is reported as a :class:`~lightning_optim.data._cache.CacheWarning` naming the file and what is
 wrong, and the entry is rebuilt from the source under the exclusive lock: one process (rank 0 in
 ``prepare_data`` under Lightning) rebuilds while the others wait, re-check, and find the repaired entry. If the
-rebuild fails (the source is gone, the hub is unreachable) the error names the damaged file and the cause.
+rebuild fails (the source is gone, the hub is unreachable, the cache is read-only) the error names the
+damaged file and the cause. A read-only copy of a good cache is read as it is.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lightning_optim.data._cache import CacheError, CacheWarning, default_cache_dir, file_lock
+from lightning_optim.data._cache import (CacheError, CacheWarning, default_cache_dir, file_lock,
+                                        refuse_unwritable)
 from lightning_optim.data.corpus import TextSource
 from lightning_optim.data.tokenizer import Tokenizer, load_tokenizer
 from lightning_optim.data.tokens import (FORMAT_VERSION, VERIFY_MODES, TokenShards, build_token_cache,
@@ -258,8 +260,11 @@ class TokenDataModule(L.LightningDataModule):
         target = self.token_dir
         lock = target.parent / f".{target.name}.lock"
         with file_lock(lock, shared=True):
-            if self._cache_fault(target) is None:
-                return target
+            fault = self._cache_fault(target)
+        if fault is None:
+            return target
+        if target.exists():
+            refuse_unwritable(fault, target.parent)
         with file_lock(lock):  # exclusive: one process rebuilds; the others re-check once it is done
             fault = self._cache_fault(target)
             if fault is None:

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from lightning_optim.data._cache import CacheError, CacheWarning, atomic_dir, atomic_write_text, file_lock, file_sha256
+from lightning_optim.data._cache import (CacheError, CacheWarning, atomic_dir, atomic_write_text, file_lock,
+                                        file_sha256, refuse_unwritable)
 
 __all__ = ["Tokenizer", "load_tokenizer", "train_bpe"]
 
@@ -149,8 +150,12 @@ def _cached_bpe(source, vocab: int, target: Path, train_bytes: int, show_progres
             backend, checked = _open_bpe(target, vocab)
             if checked:
                 return backend
-        except CacheError:
-            pass
+            if not os.access(target, os.W_OK):  # an old read-only cache that passes every other check
+                warnings.warn(f"{target / 'tokenizer.json'} was cached by an earlier version without a checksum and "
+                              "its directory is read-only; using it as it is", CacheWarning, stacklevel=3)
+                return backend
+        except CacheError as fault:
+            refuse_unwritable(fault, target.parent)
     with file_lock(lock):  # exclusive: re-check, since another process may have repaired it meanwhile
         try:
             backend, checked = _open_bpe(target, vocab)
