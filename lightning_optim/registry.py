@@ -15,9 +15,9 @@ Usage::
     class MyAdam(torch.optim.Optimizer): ...
 
 Names are case-insensitive and ``-``/``_`` are equivalent; an importable class path (``torch.optim.RAdam``)
-works too. Other packages add optimizers through the entry-point group ``lightning_optim.optimizers``: each
-entry point names an :class:`OptimizerSpec` (or a zero-argument callable returning one, or a module whose
-import registers its optimizers).
+works too. Inputs are checked by :mod:`lightning_optim.validation` before anything is built. Other packages add optimizers through the
+entry-point group ``lightning_optim.optimizers``: each entry point names an :class:`OptimizerSpec` (or a
+zero-argument callable returning one, or a module whose import registers its optimizers).
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from lightning_optim.validation import (
+    install_meta_guard,
+    parameter_label,
+    validate_hyperparameters,
+    validate_param_groups,
+)
 
 __all__ = [
     "StateLayout",
@@ -296,73 +303,6 @@ scheduler_info = get_scheduler_spec
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Hyperparameter validation: every value is checked by the rule its name implies, before anything is built.
-
-
-def _check_value(field_name: str, value: Any) -> None:
-    """Range checks implied by a hyperparameter's name (``lr``, ``*_lr``, ``betas``, ``eps``, ...)."""
-    if value is None or isinstance(value, str):  # modes such as adjust_lr="match_rms_adamw" are not rates
-        return
-    leaf = field_name.split(".")[-1]
-
-    def number(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) and not (
-            isinstance(v, torch.Tensor) and v.numel() == 1
-        ):
-            raise ValueError(f"{field_name} must be a number, got {v!r}")
-        v = float(v)
-        if math.isnan(v):
-            raise ValueError(f"{field_name} must not be NaN")
-        return v
-
-    if leaf.endswith(("_steps", "_interval", "_frequency", "_warmup")):  # counts, not rates (beta3_warmup)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise ValueError(f"{field_name} must be >= 0, got {value}")
-    elif leaf == "lr" or leaf.endswith("_lr"):
-        if number(value) < 0:
-            raise ValueError(f"{field_name} must be >= 0 (a negative learning rate ascends the loss), got {value}")
-    elif leaf == "betas" or leaf.endswith("_betas"):
-        if not isinstance(value, (tuple, list)) or not value:
-            raise ValueError(f"{field_name} must be a tuple of numbers in [0, 1), got {value!r}")
-        for i, b in enumerate(value):
-            if b is None:
-                continue
-            b = number(b)
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"{field_name}[{i}] must be in [0, 1), got {b}")
-    elif leaf in ("beta1", "beta2", "beta3", "momentum", "beta", "mu") or leaf.startswith("beta"):
-        b = number(value)
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"{field_name} must be in [0, 1), got {b}")
-    elif leaf == "eps" or leaf.endswith("_eps"):
-        if isinstance(value, (tuple, list)):
-            for v in value:
-                if v is not None and number(v) <= 0:
-                    raise ValueError(f"{field_name} must be > 0, got {value}")
-        elif number(value) <= 0:
-            raise ValueError(f"{field_name} must be > 0, got {value}")
-    elif leaf == "weight_decay" or leaf.endswith("_weight_decay"):
-        if number(value) < 0:
-            raise ValueError(f"{field_name} must be >= 0, got {value}")
-
-
-def validate_hyperparameters(spec: OptimizerSpec, hp: Mapping[str, Any]) -> None:
-    """Refuse unknown names (listing the accepted ones) and out-of-range values, naming the field."""
-    if not spec.accepts_extra:
-        unknown = sorted(set(hp) - set(spec.defaults))
-        if unknown:
-            accepted = ", ".join(sorted(spec.defaults)) or "(none)"
-            close = {u: difflib.get_close_matches(u, list(spec.defaults), n=1) for u in unknown}
-            hints = "".join(f" ({u!r}: did you mean {c[0]!r}?)" for u, c in close.items() if c)
-            raise ValueError(
-                f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for optimizer {spec.name!r}.{hints} "
-                f"Accepted: {accepted}."
-            )
-    for k, v in hp.items():
-        _check_value(k, v)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Factories
 
 
@@ -397,15 +337,7 @@ def _as_param_groups(params_or_module: Any, spec: OptimizerSpec) -> list[dict[st
             f"optimizer {spec.name!r} got an empty parameter list (are all parameters frozen with "
             "requires_grad=False?)"
         )
-    for gi, g in enumerate(groups):
-        for pi, p in enumerate(g["params"]):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"parameter group {gi} item {pi} is a {type(p).__name__}, not a tensor")
-            if not p.is_floating_point() and not p.is_complex():
-                raise ValueError(f"parameter group {gi} item {pi} has dtype {p.dtype}; only floating point trains")
-        for k, v in g.items():
-            if k != "params":
-                _check_value(f"param_groups[{gi}].{k}", v)
+    validate_param_groups(spec, groups)
     return groups
 
 
@@ -413,12 +345,11 @@ def _refuse_dtensor(spec: OptimizerSpec, groups: list[dict[str, Any]]) -> None:
     from torch.distributed.tensor import DTensor
 
     for gi, g in enumerate(groups):
-        names = g.get("param_names") or [None] * len(g["params"])
-        for pi, (p, pname) in enumerate(zip(g["params"], names)):
+        for pi, p in enumerate(g["params"]):
             if isinstance(p, DTensor):
-                where = repr(pname) if pname else f"group {gi} item {pi}"
                 raise ValueError(
-                    f"optimizer {spec.name!r} does not support FSDP2 DTensor parameters (parameter {where}): "
+                    f"optimizer {spec.name!r} does not support FSDP2 DTensor parameters "
+                    f"(parameter {parameter_label(g, gi, pi)}): "
                     f"{spec.dtensor_note or 'it has no sharded implementation'}"
                 )
 
@@ -429,7 +360,9 @@ def create_optimizer(name: str, params_or_module: Any, **hyperparameters: Any) -
     Hyperparameters not given take the spec's published defaults. A group may carry ``lr_scale``: its lr is
     the optimizer lr times that factor (schedules multiply each group's own lr, so the ratio holds).
     Raises ``ValueError`` for an unknown name (with close matches), an unknown hyperparameter (with the
-    accepted ones) or a value out of range, before anything is allocated.
+    accepted ones), a value out of range, non-finite or given as a string, betas of the wrong length, a
+    tensor listed twice, before anything is allocated (rules: :mod:`lightning_optim.validation`). A step
+    pre-hook refuses to step parameters still on the meta device, naming them.
     """
     spec = get_optimizer_spec(name)
     validate_hyperparameters(spec, hyperparameters)
@@ -448,11 +381,11 @@ def create_optimizer(name: str, params_or_module: Any, **hyperparameters: Any) -
                 f" ({err})"
             ) from err
         raise
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # lr_scale was checked (finite, >= 0) with the groups
         scale = group.get("lr_scale")
         if scale is not None:
-            _check_value("lr_scale", scale)
             group["lr"] = group["lr"] * scale
+    install_meta_guard(optimizer)
     return optimizer
 
 

@@ -183,3 +183,207 @@ def test_string_modes_ending_in_lr_are_not_rates():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
     opt = lo.create_optimizer("muon", model, adjust_lr="match_rms_adamw")
     assert any(g.get("adjust_lr") == "match_rms_adamw" for g in opt.param_groups)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checked values (lightning_optim.validation): what a config typo produces is refused, naming the field.
+
+
+@pytest.mark.parametrize("field", ["lr", "eps", "weight_decay"])
+@pytest.mark.parametrize("bad", [float("inf"), float("1e999"), float("nan")], ids=["inf", "1e999", "nan"])
+def test_non_finite_lr_eps_weight_decay_refused(field, bad):
+    with pytest.raises(ValueError, match=rf"^{field} must (be finite|not be NaN), got (inf|nan)"):
+        lo.create_optimizer("adamw", tiny(), **{field: bad})
+
+
+def test_non_finite_values_refused_through_optim_config():
+    """What ``--optim.lr .inf`` / ``--optim.lr 1e999`` hand to OptimConfig: refused when it is built."""
+    for text in (".inf", "1e999"):
+        value = float("inf") if text == ".inf" else float(text)
+        with pytest.raises(ValueError, match="lr must be finite, got inf"):
+            lo.OptimConfig(name="adamw", lr=value)
+    with pytest.raises(ValueError, match=r"alpha must be finite \(its default is 8.0\), got inf"):
+        lo.OptimConfig(name="ademamix", extra={"alpha": float("inf")})
+
+
+def test_number_given_as_a_string_refused_without_coercion():
+    with pytest.raises(ValueError) as err:
+        lo.create_optimizer("adamw", tiny(), lr="1e-3")
+    assert str(err.value) == "lr must be a number: got the string '1e-3'; pass a number"
+    with pytest.raises(ValueError, match=r"betas\[1\] must be a number: got the string '0.99'; pass a number"):
+        lo.create_optimizer("adamw", tiny(), betas=(0.9, "0.99"))
+    with pytest.raises(ValueError, match="ns_steps must be an integer: got the string '5'; pass a number"):
+        lo.create_optimizer("muon", tiny(), ns_steps="5")
+    with pytest.raises(ValueError, match="lr must be a number, got bool True"):
+        lo.create_optimizer("adamw", tiny(), lr=True)
+
+
+def test_betas_length_comes_from_the_registered_default():
+    with pytest.raises(ValueError, match=r"betas must have 2 entries \(like its default \(0.9, 0.999\)\), got 1"):
+        lo.create_optimizer("adamw", tiny(), betas=(0.9,))
+    # AdEMAMix takes its third beta as beta3, so a 3-tuple is refused, pointing at the default's length
+    assert len(lo.optimizer_info("ademamix").defaults["betas"]) == 2
+    with pytest.raises(ValueError, match="betas must have 2 entries"):
+        lo.create_optimizer("ademamix", tiny(), betas=(0.9, 0.999, 0.9999))
+    with pytest.raises(ValueError, match="adamw_betas must have 2 entries"):
+        lo.create_optimizer("muon", tiny(), adamw_betas=(0.9, 0.95, 0.99))
+    with pytest.raises(ValueError, match=r"eps must have 2 entries \(like its default \(None, 0.001\)\)"):
+        lo.create_optimizer("adafactor", tiny(), eps=(None, 1e-3, 1e-3))
+    with pytest.raises(ValueError, match="betas must be a tuple"):
+        lo.create_optimizer("adamw", tiny(), betas=0.9)
+
+
+def test_class_path_betas_length_from_the_signature_default():
+    with pytest.raises(ValueError, match="betas must have 2 entries"):
+        lo.create_optimizer("torch.optim.RAdam", tiny(), betas=(0.9,))
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, 2000.0, float("inf"), True])
+def test_counts_are_non_negative_integers(bad):
+    with pytest.raises(ValueError, match=r"^warmup_steps must be"):
+        lo.create_optimizer("sf-adamw", tiny(), warmup_steps=bad)
+
+
+def test_names_do_not_overrule_a_registered_default():
+    """Adafactor's beta2_decay (-0.8) is an exponent, Prodigy's growth_rate may be inf, safeguard_warmup is a
+    switch, adjust_lr a mode: all accepted although their names look like betas, counts or rates."""
+    assert lo.create_optimizer("adafactor", tiny(), beta2_decay=-0.8).param_groups[0]["beta2_decay"] == -0.8
+    opt = lo.create_optimizer("prodigy", tiny(), growth_rate=float("inf"), safeguard_warmup=True)
+    assert opt.param_groups[0]["growth_rate"] == float("inf") and opt.param_groups[0]["safeguard_warmup"]
+    with pytest.raises(ValueError, match="growth_rate must not be NaN"):
+        lo.create_optimizer("prodigy", tiny(), growth_rate=float("nan"))
+    with pytest.raises(ValueError, match=r"beta2_decay must be finite \(its default is -0.8\)"):
+        lo.create_optimizer("adafactor", tiny(), beta2_decay=float("-inf"))
+
+
+def test_tensor_values_are_numbers():
+    from lightning_optim.validation import check_value
+
+    check_value("lr", torch.tensor(1e-3))
+    with pytest.raises(ValueError, match="lr must not be NaN"):
+        check_value("lr", torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="lr must be a number, got Tensor"):
+        check_value("lr", torch.ones(2))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parameter groups
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")], ids=["negative", "nan", "inf"])
+def test_bad_lr_scale_refused_naming_the_group(bad):
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    groups = [{"params": [a], "name": "body"}, {"params": [b], "name": "head", "lr_scale": bad}]
+    with pytest.raises(ValueError, match=r"param_groups\[1\] \('head'\)\.lr_scale must"):
+        lo.create_optimizer("sgd", groups, lr=0.1)
+
+
+def test_bad_lr_scale_from_the_grouping_rules_refused():
+    groups = lo.param_groups(tiny(), rules=lo.GroupingRules(lr_scales={"no_decay": float("nan")}))
+    with pytest.raises(ValueError, match=r"param_groups\[1\] \('no_decay'\)\.lr_scale must not be NaN"):
+        lo.create_optimizer("adamw", groups)
+
+
+def test_same_tensor_twice_refused_naming_it():
+    w = nn.Parameter(torch.ones(3, 3))
+    with pytest.raises(ValueError, match="group 0 item 1 is the same tensor as group 0 item 0"):
+        lo.create_optimizer("adamw", [w, w])
+    with pytest.raises(ValueError, match="group 1 item 0 is the same tensor as group 0 item 0"):
+        lo.create_optimizer("adamw", [{"params": [w]}, {"params": [w], "lr_scale": 0.5}])
+    model = tiny()
+    groups = lo.param_groups(model)
+    groups[1]["params"].append(model[0].weight)  # also in the decay group
+    groups[1]["param_names"].append("0.weight")
+    with pytest.raises(ValueError, match=r"'0.weight' \(group 1 item \d+\) is the same tensor as '0.weight' "
+                                         r"\(group 0 item 0\)"):
+        lo.create_optimizer("adamw", groups)
+
+
+def test_tied_weights_are_not_duplicates():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = Tied()
+    opt = lo.create_optimizer("adamw", model)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Meta-device parameters: built over them is allowed (materialised in place later), stepping them is not.
+
+
+def _meta_model():
+    with torch.device("meta"):
+        return tiny()
+
+
+def test_step_on_meta_parameters_refused_naming_the_parameter():
+    opt = lo.create_optimizer("adamw", _meta_model())
+    with pytest.raises(ValueError, match=r"parameter '0.weight' \(group 0 item 0\) is on the meta device"):
+        opt.step()
+    plain = lo.create_optimizer("sgd", list(_meta_model().parameters()))
+    with pytest.raises(ValueError, match=r"parameter group 0 item 0 is on the meta device"):
+        plain.step()
+
+
+def _train_one_step(model, opt):
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    model(torch.randn(5, 4)).pow(2).mean().backward()
+    opt.step()
+    return [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+
+
+def test_meta_parameters_materialised_in_place_train(monkeypatch):
+    """``to_empty`` with swapped parameters (what FSDP2 does) keeps the optimizer's tensors: it must train."""
+    monkeypatch.setattr(torch.__future__, "_swap_module_params_on_conversion", True)
+    model = _meta_model()
+    opt = lo.create_optimizer("adamw", model)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    assert all(_train_one_step(model, opt))
+
+
+def test_meta_parameters_fully_shard_then_to_empty(tmp_path):
+    """FSDP2's documented meta-device flow (``fully_shard`` on meta, optimizer, ``to_empty``) trains."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _meta_model()
+        fully_shard(model)
+        opt = lo.create_optimizer("adamw", model)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.1)
+        assert all(_train_one_step(model, opt))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_meta_guard_is_constant_time_after_the_first_clean_step():
+    from lightning_optim.validation import MetaParameterGuard
+
+    model = tiny()
+    opt = lo.create_optimizer("adamw", model)
+    guards = [h for h in opt._optimizer_step_pre_hooks.values() if isinstance(h, MetaParameterGuard)]
+    assert len(guards) == 1 and not guards[0].clean
+    _train_one_step(model, opt)
+    assert guards[0].clean
+
+    class NoIteration:
+        def __iter__(self):
+            raise AssertionError("the guard walked the parameters after a clean step")
+
+    guards[0](type("Opt", (), {"param_groups": NoIteration()})(), (), {})

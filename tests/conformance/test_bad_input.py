@@ -11,6 +11,7 @@ of parameters where that makes sense.
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -19,7 +20,7 @@ from torch import nn
 
 import lightning_optim as lo
 
-from ._helpers import build, nonfinite_entries
+from ._helpers import accepted_hp, build, make_model, nonfinite_entries
 
 
 def test_empty_parameter_list(optim_name):
@@ -122,3 +123,160 @@ def test_odd_parameter(optim_name, kind, how):
         assert not torch.equal(after, before), f"{optim_name}: the {kind} parameter never moved ({how})"
         assert after.shape == before.shape
 
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checked values: every hyperparameter the spec registers is tried with the values a config typo produces.
+# The test states the rules by name on its own (not through lightning_optim.validation) so that a rule lost
+# there fails here.
+
+_COUNT_SUFFIXES = ("_steps", "_interval", "_frequency", "_warmup", "_dim", "_size")
+
+
+def _field_kind(name: str) -> str:
+    if name.endswith(_COUNT_SUFFIXES):
+        return "count"
+    if name == "lr" or name.endswith("_lr"):
+        return "rate"
+    if name == "betas" or name.endswith("_betas"):
+        return "betas"
+    if re.fullmatch(r"beta\d*|momentum", name):
+        return "beta"
+    if name == "eps" or name.endswith("_eps"):
+        return "eps"
+    if name == "weight_decay" or name.endswith("_weight_decay"):
+        return "weight_decay"
+    return "other"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numeric_fields(name: str) -> dict[str, object]:
+    """Hyperparameters that take numbers: named like a rate, beta, eps, weight decay or count, or whose
+    registered default is a number. Modes and switches (a string or bool default: ``adjust_lr``,
+    ``safeguard_warmup``) are left out."""
+    defaults = lo.optimizer_info(name).defaults
+    return {k: v for k, v in defaults.items()
+            if not isinstance(v, (str, bool)) and (_field_kind(k) != "other" or _is_number(v))}
+
+
+def _refusal(optim_name: str, field: str, value, *fragments: str) -> None:
+    """``create_optimizer`` must raise ValueError for ``field=value``, naming the field and each fragment."""
+    model = make_model()
+    with pytest.raises(ValueError) as err:
+        lo.create_optimizer(optim_name, model, **{field: value})
+    msg = str(err.value)
+    assert re.search(rf"(?<![\w.]){re.escape(field)}\b", msg), f"{optim_name}: {field}={value!r} refused " \
+                                                                 f"without naming {field!r}: {msg}"
+    for fragment in fragments:
+        assert fragment in msg, f"{optim_name}: {field}={value!r}: message lacks {fragment!r}: {msg}"
+
+
+def _with_entry(default, value):
+    """``default`` (a tuple) with its first non-None entry replaced by ``value``."""
+    entries = list(default)
+    i = next(i for i, e in enumerate(entries) if e is not None)
+    entries[i] = value
+    return tuple(entries)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_non_finite_values_refused(optim_name, bad):
+    fields = _numeric_fields(optim_name)
+    assert "lr" in fields, f"{optim_name}: no lr registered"
+    for field, default in fields.items():
+        if _is_number(default) and math.isinf(default) and bad > 0:
+            continue  # +inf is this field's own default (Prodigy's growth_rate): a legitimate setting
+        kind = _field_kind(field)
+        if kind == "betas" or (kind == "eps" and isinstance(default, tuple)):
+            _refusal(optim_name, field, _with_entry(default if default else (0.9, 0.99), bad), field)
+        else:
+            _refusal(optim_name, field, bad, field)
+
+
+def test_numbers_given_as_strings_refused(optim_name):
+    for field, default in _numeric_fields(optim_name).items():
+        kind = _field_kind(field)
+        if kind == "betas" or (kind == "eps" and isinstance(default, tuple)):
+            value = _with_entry(default if default else (0.9, 0.99), "0.5")
+            _refusal(optim_name, field, value, "got the string '0.5'", "pass a number")
+        else:
+            text = str(default) if _is_number(default) else ("10" if kind == "count" else "1e-3")
+            _refusal(optim_name, field, text, f"got the string {text!r}", "pass a number")
+
+
+def test_betas_of_the_wrong_length_refused(optim_name):
+    for field, default in lo.optimizer_info(optim_name).defaults.items():
+        if _field_kind(field) != "betas" or not isinstance(default, tuple):
+            continue
+        for value in (default[:-1], default + (0.5,)):
+            _refusal(optim_name, field, value, f"{len(default)} entries")
+
+
+def test_counts_must_be_non_negative_integers(optim_name):
+    for field, default in _numeric_fields(optim_name).items():
+        if _field_kind(field) != "count":
+            continue
+        for bad in (-1, 2.5, float("inf"), True):
+            _refusal(optim_name, field, bad)
+        if isinstance(default, int) and not isinstance(default, bool):  # the default itself still passes
+            lo.create_optimizer(optim_name, make_model(), **accepted_hp(optim_name, **{field: default}))
+
+
+def _two_groups(model: nn.Module, **second) -> list[dict]:
+    params = list(model.parameters())
+    return [{"params": params[:2]}, {"params": params[2:], **second}]
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "0.5"], ids=["negative", "nan", "inf", "str"])
+def test_bad_lr_scale_refused_naming_the_group(optim_name, bad):
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\S*\.lr_scale") as err:
+        lo.create_optimizer(optim_name, _two_groups(make_model(), lr_scale=bad))
+    if isinstance(bad, str):
+        assert "got the string '0.5'" in str(err.value)
+
+
+def test_valid_lr_scale_scales_the_group(optim_name):
+    plain = build(optim_name, _two_groups(make_model()))
+    scaled = build(optim_name, _two_groups(make_model(), lr_scale=0.5))
+    assert len(plain.param_groups) == len(scaled.param_groups)
+    ratios = [s["lr"] / p["lr"] for p, s in zip(plain.param_groups, scaled.param_groups) if p["lr"]]
+    expected = [0.5 if s.get("lr_scale") == 0.5 else 1.0 for p, s in zip(plain.param_groups, scaled.param_groups)
+                if p["lr"]]
+    assert 0.5 in expected, f"{optim_name}: no group kept lr_scale"
+    assert ratios == pytest.approx(expected), optim_name
+
+
+def test_registered_defaults_pass_the_checks(optim_name):
+    """No false refusals: every registered default, given explicitly, is accepted (e.g. Adafactor's
+    ``beta2_decay=-0.8`` is a decay exponent, not a beta in [0, 1))."""
+    spec = lo.optimizer_info(optim_name)
+    given = {k: v for k, v in spec.defaults.items() if v is not None}
+    opt = lo.create_optimizer(optim_name, make_model(), **given)
+    assert opt.param_groups and all(g["lr"] >= 0 for g in opt.param_groups)
+
+
+def test_same_tensor_twice_refused(optim_name):
+    model = make_model()
+    w = model.fc1.weight
+    with pytest.raises(ValueError, match=r"group 0 item 1 is the same tensor as group 0 item 0"):
+        lo.create_optimizer(optim_name, [w, w])
+    groups = [{"params": [w, model.fc2.weight], "param_names": ["fc1.weight", "fc2.weight"]},
+              {"params": [model.head.weight, w], "param_names": ["head.weight", "fc1.weight"]}]
+    with pytest.raises(ValueError, match=r"'fc1.weight' \(group 1 item 1\) is the same tensor as "
+                                         r"'fc1.weight' \(group 0 item 0\)"):
+        lo.create_optimizer(optim_name, groups)
+
+
+def test_meta_parameters_refused_at_step_naming_them(optim_name):
+    with torch.device("meta"):
+        model = make_model()
+    try:
+        opt = build(optim_name, model)
+    except (ValueError, TypeError) as err:  # refused at construction: must name the parameter
+        assert _names_the_parameter(err, "embed.weight", (16, 8)) and "meta" in str(err), err
+        return
+    with pytest.raises(ValueError, match=r"parameter '[\w.]+' \(group \d+ item \d+\) is on the meta device"):
+        opt.step()
