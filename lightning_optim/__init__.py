@@ -1,13 +1,15 @@
 """lightning-optim: optimizers, LR schedules and stability callbacks for LLM pretraining with Lightning.
 
-Public API (stable names; see README.md and shared DESIGN.md)::
+Public API (stable names; see README.md)::
 
     create_optimizer(name, params_or_module, **hp)        create_scheduler(name, optimizer, total_steps, warmup_steps)
     available_optimizers()  available_schedulers()        optimizer_info(name)
     register_optimizer(name, ...)  (decorator)            OptimizerMixin, OptimConfig
     param_groups(module, split_matrices=...)              estimate_memory(...)
+    allow_optimizer_module(module)  (class paths from modules beyond the built-in allow-list)
 """
 
+from lightning_optim.class_paths import allow_optimizer_module
 from lightning_optim.memory import MemoryEstimate, estimate_memory
 from lightning_optim.mixin import OptimConfig, OptimizerMixin
 from lightning_optim.param_groups import GroupingRules, param_groups, routing_table
@@ -46,4 +48,5 @@ __all__ = [
     "routing_table",
     "estimate_memory",
     "MemoryEstimate",
+    "allow_optimizer_module",
 ]

@@ -14,8 +14,10 @@ Usage::
     @register_optimizer("my-adam", defaults={"lr": 1e-3, "betas": (0.9, 0.99)}, state=StateLayout(2))
     class MyAdam(torch.optim.Optimizer): ...
 
-Names are case-insensitive and ``-``/``_`` are equivalent; an importable class path (``torch.optim.RAdam``)
-works too. Inputs are checked by :mod:`lightning_optim.validation` before anything is built. Other packages add optimizers through the
+Names are case-insensitive and ``-``/``_`` are equivalent; a class path (``torch.optim.RAdam``) works too,
+imported only from allowed modules (:mod:`lightning_optim.class_paths`: torch, well-known optimizer packages,
+and those added with :func:`~lightning_optim.allow_optimizer_module`). Inputs are checked by
+:mod:`lightning_optim.validation` before anything is built. Other packages add optimizers through the
 entry-point group ``lightning_optim.optimizers``: each entry point names an :class:`OptimizerSpec` (or a
 zero-argument callable returning one, or a module whose import registers its optimizers).
 """
@@ -33,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from lightning_optim.class_paths import import_optimizer_class
 from lightning_optim.validation import (
     install_meta_guard,
     parameter_label,
@@ -241,17 +244,6 @@ def _unknown(kind: str, name: str, known: Iterable[str]) -> ValueError:
     return ValueError(f"unknown {kind} {name!r}.{hint} Available: {', '.join(known)}.")
 
 
-def _import_class_path(path: str) -> type | None:
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        return None
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    return getattr(module, attr, None)
-
-
 def get_optimizer_spec(name: str) -> OptimizerSpec:
     """The spec for a registry key, alias or importable optimizer class path."""
     _ensure_loaded()
@@ -259,10 +251,8 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
     key = _OPTIMIZER_ALIASES.get(key, key)
     if key in _OPTIMIZERS:
         return _OPTIMIZERS[key]
-    if "." in name:
-        cls = _import_class_path(name.strip())
-        if cls is None:
-            raise ValueError(f"optimizer class path {name!r} could not be imported")
+    if "." in name:  # a class path: imported only from allowed modules (lightning_optim.class_paths)
+        cls = import_optimizer_class(name)
         if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
             raise ValueError(f"{name!r} is not a torch.optim.Optimizer subclass")
         return _spec_from_class(name.strip(), cls)

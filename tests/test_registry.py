@@ -92,7 +92,11 @@ def test_class_path_and_its_validation():
     assert isinstance(opt, torch.optim.RAdam) and opt.param_groups[0]["lr"] == 3e-4
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         lo.create_optimizer("torch.optim.RAdam", tiny(), lrr=1)
-    with pytest.raises(ValueError, match="could not be imported"):
+    with pytest.raises(ValueError, match="could not be imported.*no attribute 'NoSuchOptimizer'"):
+        lo.create_optimizer("torch.optim.NoSuchOptimizer", tiny())
+    with pytest.raises(ValueError, match="could not be imported.*no_such_module"):
+        lo.create_optimizer("torch.optim.no_such_module.Opt", tiny())
+    with pytest.raises(ValueError, match="'nowhere.Optimizer' names module 'nowhere'"):
         lo.create_optimizer("nowhere.Optimizer", tiny())
     with pytest.raises(ValueError, match="not a torch.optim.Optimizer"):
         lo.create_optimizer("torch.nn.Linear", tiny())
@@ -387,3 +391,94 @@ def test_meta_guard_is_constant_time_after_the_first_clean_step():
             raise AssertionError("the guard walked the parameters after a clean step")
 
     guards[0](type("Opt", (), {"param_groups": NoIteration()})(), (), {})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Class paths: imported only from allowed modules, refused before any import otherwise.
+
+
+@pytest.fixture
+def recording_module(tmp_path, monkeypatch):
+    """A module ``lo_probe_mod`` on sys.path whose import writes a marker file and defines an optimizer."""
+    import sys
+
+    marker = tmp_path / "imported.txt"
+    (tmp_path / "lo_probe_mod.py").write_text(
+        "import pathlib, torch\n"
+        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "class ProbeSGD(torch.optim.SGD):\n"
+        "    def __init__(self, params, lr=0.1):\n"
+        "        super().__init__(params, lr=lr)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("LIGHTNING_OPTIM_ALLOWED_MODULES", raising=False)
+    from lightning_optim import class_paths
+
+    monkeypatch.setattr(class_paths, "_user_allowed", [])
+    yield marker
+    sys.modules.pop("lo_probe_mod", None)
+
+
+def test_class_path_outside_the_allow_list_refused_before_import(recording_module):
+    import sys
+
+    with pytest.raises(ValueError) as err:
+        lo.optimizer_info("lo_probe_mod.ProbeSGD")
+    msg = str(err.value)
+    assert "'lo_probe_mod.ProbeSGD'" in msg and "nothing was imported" in msg
+    assert "allow_optimizer_module('lo_probe_mod')" in msg and "LIGHTNING_OPTIM_ALLOWED_MODULES" in msg
+    assert not recording_module.exists() and "lo_probe_mod" not in sys.modules
+    with pytest.raises(ValueError, match="names module 'os'"):
+        lo.create_optimizer("os.system", tiny())
+    with pytest.raises(ValueError, match="not of the form"):
+        lo.optimizer_info("..lo_probe_mod.ProbeSGD")
+
+
+def test_allow_optimizer_module_then_the_class_path_works(recording_module):
+    lo.allow_optimizer_module("lo_probe_mod")
+    opt = lo.create_optimizer("lo_probe_mod.ProbeSGD", tiny(), lr=0.2)
+    assert type(opt).__name__ == "ProbeSGD" and opt.param_groups[0]["lr"] == 0.2
+    assert recording_module.read_text() == "imported"  # the probe does record its import
+    with pytest.raises(ValueError, match="is not a module name"):
+        lo.allow_optimizer_module("not a module")
+
+
+def test_allowed_modules_from_the_environment(recording_module, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_OPTIM_ALLOWED_MODULES", "other_pkg, lo_probe_mod")
+    assert lo.optimizer_info("lo_probe_mod.ProbeSGD").factory.__name__ == "ProbeSGD"
+    monkeypatch.setenv("LIGHTNING_OPTIM_ALLOWED_MODULES", "lo_probe")  # a prefix of a name is not its package
+    with pytest.raises(ValueError, match="names module 'lo_probe_mod'"):
+        lo.optimizer_info("lo_probe_mod.ProbeSGD")
+    monkeypatch.setenv("LIGHTNING_OPTIM_ALLOWED_MODULES", "bad-name")
+    with pytest.raises(ValueError, match="LIGHTNING_OPTIM_ALLOWED_MODULES entry 'bad-name'"):
+        lo.optimizer_info("lo_probe_mod.ProbeSGD")
+
+
+def _lightning_checkpoint(path, optim_name: str) -> None:
+    import dataclasses
+
+    import lightning
+
+    optim = dataclasses.asdict(lo.OptimConfig(name="adamw"))
+    optim["name"] = optim_name  # what an edited or hostile file holds
+    torch.save({"state_dict": {}, "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0,
+                "hyper_parameters": {"preset": "tiny", "vocab_size": 64, "optim": optim}}, path)
+
+
+def test_checkpoint_naming_a_foreign_class_path_is_refused_without_importing(recording_module, tmp_path):
+    import sys
+
+    from lightning_optim.models import LanguageModel
+
+    path = tmp_path / "weights.ckpt"
+    _lightning_checkpoint(path, "lo_probe_mod.ProbeSGD")
+    ckpt = torch.load(path, weights_only=True)  # plain data: reading it imports nothing
+    assert ckpt["hyper_parameters"]["optim"]["name"] == "lo_probe_mod.ProbeSGD"
+    with pytest.raises(ValueError, match="'lo_probe_mod.ProbeSGD' names module 'lo_probe_mod'"):
+        lo.OptimConfig.from_hparams(ckpt["hyper_parameters"])
+    with pytest.raises(ValueError, match="'lo_probe_mod.ProbeSGD' names module 'lo_probe_mod'"):
+        LanguageModel.load_from_checkpoint(path)
+    assert not recording_module.exists() and "lo_probe_mod" not in sys.modules
+    _lightning_checkpoint(path, "os.system")
+    with pytest.raises(ValueError, match="'os.system' names module 'os'"):
+        LanguageModel.load_from_checkpoint(path)

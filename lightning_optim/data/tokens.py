@@ -175,7 +175,8 @@ def build_token_cache(source, tokenizer, target: str | os.PathLike, *, val_fract
                                      f"{vocab} while writing {target / shard['file']}")
         meta = {
             "format": FORMAT_VERSION, "dtype": dtype.name, "eos_id": int(tokenizer.eos_id),
-            "vocab_size": vocab, "tokenizer": tokenizer.name, "tokenizer_digest": tokenizer.digest,
+            "vocab_size": vocab, "tokenizer": tokenizer.name,
+            "tokenizer_digest": getattr(tokenizer, "digest", None),
             "source": source.name, "val_fraction": val_fraction, "checksum": "sha256",
             **{s: {"shards": w.shards, "documents": w.documents} for s, w in writers.items()},
         }
