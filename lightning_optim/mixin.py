@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -43,7 +45,7 @@ from lightning_optim.registry import (
     validate_hyperparameters,
 )
 
-__all__ = ["OptimConfig", "OptimizerMixin"]
+__all__ = ["OptimConfig", "OptimizerMixin", "default_scheduler"]
 
 _TORCH_NAMES = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov")
 _SCHEDULE_FIELDS = ("decay_fraction", "final_fraction", "cooldown_shape", "cooldown_start", "timescale")
@@ -58,7 +60,9 @@ class OptimConfig:
         lr, betas, eps, weight_decay, momentum, nesterov: torch.optim names.
         extra: the algorithm's own hyperparameters by their paper names (``{"alpha": 8, "beta3": 0.9999}``
             for AdEMAMix, ``{"ns_steps": 5}`` for Muon ...).
-        scheduler: ``constant | cosine | linear | wsd | inverse-sqrt``.
+        scheduler: ``constant | cosine | linear | wsd | inverse-sqrt``; ``None`` (the default) picks the
+            optimizer's own: ``constant`` for schedule-free optimizers (they need no decay), else ``cosine``.
+            A schedule-free optimizer with a decaying schedule warns.
         warmup_steps: linear warmup from 0.
         total_steps: schedule horizon; default ``trainer.max_steps`` (or the Trainer's estimate).
         decay_fraction, cooldown_shape, cooldown_start: WSD's cooldown (fraction of the run, shape
@@ -78,7 +82,7 @@ class OptimConfig:
     momentum: float | None = None
     nesterov: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    scheduler: str = "cosine"
+    scheduler: str | None = None
     warmup_steps: int = 0
     total_steps: int | None = None
     decay_fraction: float = 0.2
@@ -96,6 +100,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.betas is not None:
             self.betas = tuple(self.betas)
+        if self.scheduler is None:
+            self.scheduler = default_scheduler(self.name)
         self.validate()
 
     # -- what goes where ------------------------------------------------------------------------------------
@@ -138,8 +144,13 @@ class OptimConfig:
         kwargs = self.scheduler_kwargs()
         sched.schedule_cls(total_steps=self.total_steps, warmup_steps=self.warmup_steps, **{**sched.defaults, **kwargs})
         for k, v in self.lr_scales.items():
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"lr_scales[{k!r}] must be a number >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"lr_scales[{k!r}] must be a finite number >= 0, got {v!r}")
+        if spec.schedule_free and sched.name != "constant":
+            warnings.warn(
+                f"optimizer {spec.name!r} is schedule-free (it averages its iterates instead of decaying the lr) but "
+                f"scheduler={sched.name!r} decays the lr; the published recipe uses scheduler='constant' "
+                "(the default for schedule-free optimizers when scheduler is left unset)", UserWarning, stacklevel=3)
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> "OptimConfig":
@@ -155,6 +166,11 @@ class OptimConfig:
         if isinstance(name, str):
             flat["name"] = name
         return cls(**flat)
+
+
+def default_scheduler(optimizer_name: str) -> str:
+    """The schedule an optimizer gets when none is named: ``constant`` if it is schedule-free, else ``cosine``."""
+    return "constant" if get_optimizer_spec(optimizer_name).schedule_free else "cosine"
 
 
 # Checkpoints store the hyperparameters, an OptimConfig among them; allow it under torch.load(weights_only=True)
