@@ -18,6 +18,7 @@ The batch is ``(inputs, targets)``, two ``(B, T)`` int64 tensors (targets = inpu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -67,7 +68,7 @@ class LanguageModel(OptimizerMixin, L.LightningModule):
         super().__init__()
         optim_cfg = _as_optim_config(optim)
         self.save_hyperparameters(ignore=["optim"])
-        self.hparams["optim"] = dataclasses.asdict(optim_cfg)  # plain data: loads with weights_only=True
+        self.record_run_settings({"optim": dataclasses.asdict(optim_cfg)})  # plain data: loads with weights_only
         cfg = model_config(preset, arch, block_size=block_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                            mlp_hidden=mlp_hidden, vocab_size=vocab_size)
         if cfg.vocab_size is None:
@@ -82,6 +83,12 @@ class LanguageModel(OptimizerMixin, L.LightningModule):
         self.model = Transformer(cfg)
         self.flops_per_token = flops_per_token(cfg, cfg.block_size)
         self._parallelized = False
+
+    def record_run_settings(self, settings: dict[str, Any]) -> None:
+        """Add plain-data ``settings`` to the hyperparameters: saved in checkpoints and ``hparams.yaml`` and logged
+        once at the start of ``fit`` (TensorBoard's HPARAMS tab), so runs can be compared by them."""
+        self.hparams.update(settings)
+        self._hparams_initial = copy.deepcopy(self._hparams)
 
     # -- protocol for z-loss / Sophia --------------------------------------------------------------------------
 
