@@ -414,11 +414,21 @@ def _naming(err: OSError, path: Path) -> OSError:
     return OSError(err.errno, f"cannot write checkpoint: {err.strerror or err}", os.fspath(path))
 
 
-def write_manifest(folder: str | os.PathLike) -> Path:
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: str | os.PathLike, *, fsync: bool = False) -> Path:
     """Write :data:`MANIFEST_NAME` into checkpoint ``folder``: every other file's relative path, size and SHA-256.
 
     Call it once, after every writer of the folder has finished (it is the mark of a completed save);
-    :func:`verify_checkpoint` then checks the folder against it. Written atomically; returns its path.
+    :func:`verify_checkpoint` then checks the folder against it. ``fsync=True`` first flushes every listed
+    file to disk (for writers that do not, such as ``torch.save`` of Lightning's ``meta.pt``). Written
+    atomically; returns its path.
     """
     root = Path(os.fspath(folder))
     if not root.is_dir():
@@ -428,6 +438,8 @@ def write_manifest(folder: str | os.PathLike) -> Path:
         if not member.is_file() or member.name == MANIFEST_NAME or _TEMP_NAME.match(member.name):
             continue
         rel = member.relative_to(root).as_posix()
+        if fsync:
+            _fsync_file(member)
         files[rel] = {"size": member.stat().st_size, "sha256": file_sha256(member)}
     if not files:
         raise CheckpointError(root, "is empty: there is nothing to write a manifest for")

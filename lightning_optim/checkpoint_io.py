@@ -36,8 +36,10 @@ default) never calls the ``CheckpointIO`` for a save or a load: every rank write
 ``torch.distributed.checkpoint`` and rank 0 writes ``meta.pt`` with ``torch.save``, straight into the
 checkpoint folder, and the load reads them the same way. Such a save is therefore neither atomic nor
 checksummed through this plugin; a folder without a manifest is reported as unverifiable by
-:func:`newest_verified_checkpoint`. Use ``save_distributed_checkpoint=False`` (one full file, written by
-rank 0 through this plugin) where a verified checkpoint matters more than the gather's cost.
+:func:`newest_verified_checkpoint`. For those runs use
+:class:`lightning_optim.checkpoint_dcp.VerifiedModelParallelStrategy` instead of ``ModelParallelStrategy``:
+it stages the folder, writes a manifest of per-file SHA-256s last, renames the folder into place, and
+verifies the manifest on load.
 Only local paths are supported (a ``s3://``-style URL is refused: ``fsync`` and ``os.replace`` have no
 meaning there).
 """

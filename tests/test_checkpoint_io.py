@@ -24,7 +24,13 @@ from torch import nn
 
 import lightning_optim.checkpoint as ckpt_mod
 from lightning_optim import OptimConfig, OptimizerMixin
-from lightning_optim.checkpoint import MANIFEST_NAME, CheckpointError, CheckpointNotFoundError, write_manifest
+from lightning_optim.checkpoint import (
+    MANIFEST_NAME,
+    CheckpointError,
+    CheckpointNotFoundError,
+    verify_checkpoint,
+    write_manifest,
+)
 from lightning_optim.checkpoint_io import NonFiniteCheckpointError, VerifiedCheckpointIO, newest_verified_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -410,3 +416,51 @@ def test_newest_verified_checkpoint_skips_corrupt_newer_files_and_says_why(tmp_p
     found = newest_verified_checkpoint(root)
     assert found.path == paths["good"] and "'__0_0.distcp'" in found.skipped[0][1]
     assert (unfinished / MANIFEST_NAME).exists()  # the search modifies nothing
+
+
+# -- sharded (FSDP2) checkpoints ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_under_fsdp2_are_verified(tmp_path):
+    """Two gloo ranks, VerifiedModelParallelStrategy (tests/dist_scripts/verified_dcp.py has the scenario)."""
+    import json
+
+    from tests.dist_utils import run_distributed
+
+    run_distributed(REPO / "tests" / "dist_scripts" / "verified_dcp.py", str(tmp_path), nprocs=2, timeout=400)
+    r0, r1 = (json.loads((tmp_path / f"result_rank{r}.json").read_text()) for r in (0, 1))
+    folder = tmp_path / "ckpt"
+    assert r0["files"] == ["last.ckpt", "step2.ckpt", "step4.ckpt"]  # last.ckpt replaced once, nothing hidden left
+    assert set(r0["verified"].values()) == {"manifest"}
+    for r in (r0, r1):  # both ranks refuse the damaged folder, naming it and the file inside
+        assert r["corrupt_path"] == os.fspath(folder / "last.ckpt")
+        assert "'__0_0.distcp' does not match the SHA-256" in r["corrupt_resume"]
+        assert r["newest"] == os.fspath(folder / "step4.ckpt") and r["skipped"][0][0] == os.fspath(folder / "last.ckpt")
+        assert r["resumed_step"] == 6
+        assert "step4.ckpt' was not written" in r["non_finite"]
+    assert r1["non_finite_tensor"] == "model.fc1.weight" and "1 NaN" in r1["non_finite"]  # the rank that holds it
+    assert "another rank" in r0["non_finite"]
+    assert r0["poisoned_files"] == ["step2.ckpt"] and r0["poisoned_verified"] == "manifest"
+
+
+def test_killed_sharded_save_leaves_only_a_hidden_staging_folder_that_the_next_save_removes(tmp_path):
+    from lightning_optim.checkpoint_dcp import _move_into_place, _remove_leftovers
+
+    dest = tmp_path / "last.ckpt"
+    dest.mkdir()
+    (dest / "__0_0.distcp").write_bytes(b"previous")
+    write_manifest(dest)
+    killed = tmp_path / ".last.ckpt.0badc0de.staging"  # what a save killed mid-write leaves
+    killed.mkdir()
+    (killed / "__0_0.distcp").write_bytes(b"half")
+    assert newest_verified_checkpoint(tmp_path).path == dest  # the staging folder is no candidate
+    _remove_leftovers(dest)
+    assert files(tmp_path) == ["last.ckpt"]
+    new = tmp_path / ".last.ckpt.12345678.staging"
+    new.mkdir()
+    (new / "__0_0.distcp").write_bytes(b"new")
+    write_manifest(new)
+    _move_into_place(new, dest, "12345678")
+    assert files(tmp_path) == ["last.ckpt"] and (dest / "__0_0.distcp").read_bytes() == b"new"
+    assert verify_checkpoint(dest) == "manifest"

@@ -1,0 +1,191 @@
+"""Verified checkpoints under FSDP2: :class:`VerifiedModelParallelStrategy`.
+
+Usage::
+
+    from lightning_optim.checkpoint_dcp import VerifiedModelParallelStrategy
+
+    trainer = L.Trainer(strategy=VerifiedModelParallelStrategy(data_parallel_size=8), devices=8, ...)
+
+Why a strategy and not the ``CheckpointIO`` plugin: Lightning's ``ModelParallelStrategy`` with
+``save_distributed_checkpoint=True`` (its default) never calls the ``CheckpointIO``. Its ``save_checkpoint``
+has every rank write its shards with ``torch.distributed.checkpoint`` straight into the checkpoint folder
+and rank 0 write ``meta.pt`` with ``torch.save``; its ``load_checkpoint`` reads them back the same way.
+Overwriting ``last.ckpt`` therefore rewrites the previous folder in place (a crash leaves a mix of two
+saves), nothing is checksummed, and with ``save_distributed_checkpoint=False`` a non-finite check in the
+plugin would run on rank 0 alone (the other ranks would wait in the Trainer's barrier). This subclass wraps
+both methods:
+
+- **save** (sharded): every rank writes into a staging folder ``.<name>.<token>.staging`` beside the
+  destination; after a barrier (every shard written; DCP fsyncs its files) rank 0 fsyncs ``meta.pt``,
+  writes the manifest ``lightning_optim.manifest.json`` (size and SHA-256 of every file, see
+  :func:`lightning_optim.checkpoint.write_manifest`) and renames the folder into place. When a previous
+  checkpoint of that name exists it is first renamed to ``.<name>.<token>.old`` and deleted after the new
+  one is in place: a crash between the two renames leaves the previous folder complete under that hidden
+  name (and the destination absent), never a mixed folder. A killed save leaves only a hidden staging
+  folder, which the next save of that name deletes.
+- **save** (``save_distributed_checkpoint=False``): the full file is written by rank 0 through the
+  ``CheckpointIO``, by default :class:`~lightning_optim.checkpoint_io.VerifiedCheckpointIO` (atomic, SHA-256
+  sidecar).
+- **non-finite weights**: every rank checks its shards of ``state_dict`` and the ranks agree (one
+  all-reduce) before anything is written; a NaN or ±inf raises
+  :class:`~lightning_optim.checkpoint_io.NonFiniteCheckpointError` on every rank, naming the file and the
+  tensor, so ``ModelCheckpoint`` never rotates away the last finite checkpoint.
+- **load**: rank 0 verifies the folder against its manifest (or the file against its sidecar / CRC-32s)
+  and every rank raises the same :class:`~lightning_optim.checkpoint.CheckpointError` naming it when that
+  fails. A folder without a manifest (written by Lightning's own strategy, or a save that did not finish)
+  is refused unless ``allow_unverified_folders=True``.
+
+Not covered: the staging folder and the swap need a POSIX file system shared by all ranks (the folder's
+rename is done by rank 0); remote URLs are refused by the ``CheckpointIO``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from .checkpoint import (
+    MANIFEST_NAME,
+    CheckpointError,
+    CheckpointNotFoundError,
+    _fsync_dir,
+    checksum_path,
+    verify_checkpoint,
+    write_manifest,
+)
+from .checkpoint_io import NonFiniteCheckpointError, VerifiedCheckpointIO, _describe_non_finite, first_non_finite
+
+__all__ = ["VerifiedModelParallelStrategy"]
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]+\.(?P<kind>staging|old)$")
+
+
+class VerifiedModelParallelStrategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` whose checkpoints are atomic, checksummed and verified (module docstring).
+
+    Args:
+        *args, **kwargs: those of ``ModelParallelStrategy``.
+        check_finite: refuse to save weights holding NaN or ±inf (default on).
+        require_checksum: refuse to load a single file without its ``.sha256`` sidecar.
+        allow_unverified_folders: load a sharded folder that has no manifest (unverified) instead of refusing.
+    """
+
+    def __init__(self, *args: Any, check_finite: bool = True, require_checksum: bool = False,
+                 allow_unverified_folders: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.check_finite = check_finite
+        self.require_checksum = require_checksum
+        self.allow_unverified_folders = allow_unverified_folders
+
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        if self._checkpoint_io is None:
+            self._checkpoint_io = VerifiedCheckpointIO(check_finite=False, require_checksum=self.require_checksum)
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        self._checkpoint_io = io
+
+    # -- saving ----------------------------------------------------------------------------------------------
+
+    def _refuse_non_finite(self, checkpoint: Mapping[str, Any], path: Path) -> None:
+        state_dict = checkpoint.get("state_dict")
+        bad = first_non_finite(state_dict) if isinstance(state_dict, Mapping) else None
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=self.root_device)
+        if float(self.reduce(flag, reduce_op="sum").item()) == 0.0:
+            return
+        if bad is not None:
+            raise NonFiniteCheckpointError(path, bad[0], _describe_non_finite(*bad))
+        raise NonFiniteCheckpointError(path, "", "was not written: a model weight holds NaN or inf on another rank "
+                                       "(that rank's error names it); the earlier checkpoints are kept")
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        path = Path(self.broadcast(os.fspath(filepath)))
+        if self.check_finite:
+            self._refuse_non_finite(checkpoint, path)
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        token = self.broadcast(secrets.token_hex(4) if self.global_rank == 0 else None)
+        staging = path.parent / f".{path.name}.{token}.staging"
+        if self.global_rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(path)
+        self.barrier("VerifiedModelParallelStrategy.save_checkpoint:staging")
+        try:
+            super().save_checkpoint(checkpoint, staging)  # every rank's shards (DCP agrees on failures), meta.pt
+        except BaseException:
+            if self.global_rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.barrier("VerifiedModelParallelStrategy.save_checkpoint:written")
+        failure: BaseException | None = None
+        if self.global_rank == 0:
+            try:
+                write_manifest(staging, fsync=True)
+                _move_into_place(staging, path, token)
+            except BaseException as err:  # tell the other ranks instead of leaving them in a barrier
+                shutil.rmtree(staging, ignore_errors=True)
+                failure = err
+        message = self.broadcast(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise CheckpointError(path, f"was not written: rank 0 could not finish the save ({message})")
+
+    # -- loading ---------------------------------------------------------------------------------------------
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(os.fspath(checkpoint_path)))
+        failure: tuple[str, bool] | None = None
+        if self.global_rank == 0:
+            try:
+                if not (path.is_dir() and self.allow_unverified_folders and not (path / MANIFEST_NAME).exists()):
+                    verify_checkpoint(path, require_checksum=self.require_checksum)
+            except CheckpointError as err:
+                failure = (err.reason, isinstance(err, CheckpointNotFoundError))
+        failure = self.broadcast(failure)
+        if failure is not None:
+            reason, missing = failure
+            raise (CheckpointNotFoundError if missing else CheckpointError)(path, reason)
+        return super().load_checkpoint(path, weights_only=weights_only)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete hidden staging folders of ``path`` from killed saves, and ``.old`` copies once ``path`` exists."""
+    for entry in path.parent.iterdir():
+        match = _STAGING.match(entry.name)
+        if match is None or match["name"] != path.name or not entry.is_dir():
+            continue
+        if match["kind"] == "staging" or path.exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, path: Path, token: str) -> None:
+    """Rename the finished ``staging`` folder to ``path``; a previous ``path`` is kept as ``.old`` until then."""
+    old: Path | None = None
+    if path.exists() or path.is_symlink():
+        old = path.parent / f".{path.name}.{token}.old"
+        os.replace(path, old)
+    os.replace(staging, path)
+    _fsync_dir(path.parent)
+    try:
+        checksum_path(path).unlink()  # the digest of a single file this folder replaced
+    except FileNotFoundError:
+        pass
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
