@@ -321,6 +321,7 @@ def _as_param_groups(params_or_module: Any, spec: OptimizerSpec) -> list[dict[st
             raise TypeError("params mixes parameter groups (dicts) and tensors; use one or the other")
         else:
             groups = [{"params": items}] if items else []
+        groups = [_split_named_parameters(g, gi) for gi, g in enumerate(groups)]
     total = sum(len(g["params"]) for g in groups)
     if total == 0:
         raise ValueError(
@@ -329,6 +330,20 @@ def _as_param_groups(params_or_module: Any, spec: OptimizerSpec) -> list[dict[st
         )
     validate_param_groups(spec, groups)
     return groups
+
+
+def _split_named_parameters(group: dict[str, Any], gi: int) -> dict[str, Any]:
+    """``(name, tensor)`` pairs (``model.named_parameters()``, as torch optimizers accept) become ``params``
+    plus ``param_names``, so messages can name the parameter; plain tensors pass through unchanged."""
+    items = group["params"]
+    named = [isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items]
+    if not any(named):
+        return group
+    if not all(named):
+        raise TypeError(f"parameter group {gi} mixes (name, tensor) pairs and plain tensors; use one or the other")
+    if "param_names" in group:
+        raise ValueError(f"parameter group {gi} has both (name, tensor) pairs and 'param_names'; use one or the other")
+    return {**group, "params": [t for _, t in items], "param_names": [n for n, _ in items]}
 
 
 def _refuse_dtensor(spec: OptimizerSpec, groups: list[dict[str, Any]]) -> None:

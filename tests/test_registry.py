@@ -482,3 +482,16 @@ def test_checkpoint_naming_a_foreign_class_path_is_refused_without_importing(rec
     _lightning_checkpoint(path, "os.system")
     with pytest.raises(ValueError, match="'os.system' names module 'os'"):
         LanguageModel.load_from_checkpoint(path)
+
+
+def test_named_parameters_are_accepted_and_name_the_parameter():
+    model = tiny()
+    opt = lo.create_optimizer("adamw", model.named_parameters())
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    w = model[0].weight
+    with pytest.raises(ValueError, match=r"'again' \(group 0 item 1\) is the same tensor as 'first' \(group 0 item 0\)"):
+        lo.create_optimizer("sgd", [("first", w), ("again", w)])
+    with pytest.raises(TypeError, match="group 0 mixes"):
+        lo.create_optimizer("sgd", [("first", w), model[2].weight])
+    with pytest.raises(ValueError, match=r"parameter 'x' \(group 0 item 0\) has dtype torch.int64"):
+        lo.create_optimizer("sgd", [{"params": [("x", torch.zeros(2, dtype=torch.long))]}])
