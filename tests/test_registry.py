@@ -495,3 +495,30 @@ def test_named_parameters_are_accepted_and_name_the_parameter():
         lo.create_optimizer("sgd", [("first", w), model[2].weight])
     with pytest.raises(ValueError, match=r"parameter 'x' \(group 0 item 0\) has dtype torch.int64"):
         lo.create_optimizer("sgd", [{"params": [("x", torch.zeros(2, dtype=torch.long))]}])
+
+
+def test_checkpoint_holding_an_optim_config_object_is_refused_at_configure(recording_module, tmp_path):
+    """An OptimConfig object in a checkpoint loads under weights_only without running its validation; the
+    optimizer lookup still refuses the foreign class path before importing it."""
+    import sys
+
+    import lightning
+
+    class ProbeLM(lo.OptimizerMixin, lightning.LightningModule):
+        def __init__(self, optim: lo.OptimConfig = lo.OptimConfig()):
+            super().__init__()
+            self.save_hyperparameters()
+            self.lin = nn.Linear(2, 2)
+
+    forged = lo.OptimConfig(name="adamw")
+    forged.name = "lo_probe_mod.ProbeSGD"
+    path = tmp_path / "obj.ckpt"
+    torch.save({"state_dict": ProbeLM().state_dict(), "pytorch-lightning_version": lightning.__version__,
+                "epoch": 0, "global_step": 0, "hyper_parameters": {"optim": forged}}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert isinstance(loaded["hyper_parameters"]["optim"], lo.OptimConfig)
+    model = ProbeLM.load_from_checkpoint(path)
+    for hook in (model.configure_optimizers, model.configure_callbacks):
+        with pytest.raises(ValueError, match="'lo_probe_mod.ProbeSGD' names module 'lo_probe_mod'"):
+            hook()
+    assert not recording_module.exists() and "lo_probe_mod" not in sys.modules
