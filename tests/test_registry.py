@@ -210,6 +210,19 @@ def test_non_finite_values_refused_through_optim_config():
         lo.OptimConfig(name="ademamix", extra={"alpha": float("inf")})
 
 
+@pytest.mark.parametrize("text", [".inf", "1e999"])
+def test_non_finite_lr_refused_from_the_command_line(text):
+    """``--optim.lr .inf`` as LightningCLI's parser (jsonargparse) reads it: refused, naming lr."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--optim", type=lo.OptimConfig, default=lo.OptimConfig())
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    assert instantiate(parser.parse_args(["--optim.lr", "3e-4"])).optim.lr == 3e-4
+    with pytest.raises(ValueError, match="lr must be finite, got inf"):
+        instantiate(parser.parse_args(["--optim.lr", text]))
+
+
 def test_number_given_as_a_string_refused_without_coercion():
     with pytest.raises(ValueError) as err:
         lo.create_optimizer("adamw", tiny(), lr="1e-3")
