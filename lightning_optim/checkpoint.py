@@ -74,6 +74,8 @@ CHECKSUM_SUFFIX = ".sha256"
 MANIFEST_NAME = "lightning_optim.manifest.json"
 _MANIFEST_FORMAT = "lightning-optim-manifest/1"
 _CHUNK = 8 << 20
+# torch.save's legacy format starts with the pickle (protocol 2) of its magic number, a 10-byte LONG1
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"
 
 
 class CheckpointError(RuntimeError):
@@ -132,7 +134,7 @@ def _verify_zip_crc(p: Path, size: int) -> str:
     with open(p, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04":
-        if head[:1] == b"\x80":  # legacy (pre-1.6) pickle-based torch.save format: nothing to check against
+        if head == _LEGACY_MAGIC:  # legacy (pre-1.6) pickle-based torch.save format: nothing to check against
             return "legacy"
         raise CheckpointError(p, f"is not a torch checkpoint ({size} bytes, starts with {head!r}): corrupt or truncated")
     try:
@@ -190,6 +192,13 @@ def verify_checkpoint(path: str | os.PathLike, *, require_checksum: bool = False
             p, f"is a directory without a {MANIFEST_NAME} (a sharded torch.distributed.checkpoint folder whose save "
             "did not finish, or was written without lightning_optim's manifest): it cannot be verified"
         )
+    try:
+        return _verify_file(p, require_checksum)
+    except OSError as err:  # permissions, I/O errors: say so, not "corrupt"
+        raise CheckpointError(p, f"cannot be read: {err}") from err
+
+
+def _verify_file(p: Path, require_checksum: bool) -> str:
     size = _size(p)
     if size == 0:
         raise CheckpointError(p, "is empty (0 bytes): the write that produced it was interrupted")
@@ -258,6 +267,8 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows: never probe there
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -31,6 +31,9 @@ What :class:`VerifiedCheckpointIO` does that Lightning's default ``TorchCheckpoi
   them (``None`` is torch's default, ``True``), so ``trainer.fit(ckpt_path=...)`` behaves as before.
 - **Removing** a checkpoint removes its sidecar too.
 
+Under DDP (and any strategy that saves from rank 0 alone) the plugin runs on rank 0 only: a refused save
+raises there, and the other ranks are stopped by Lightning's launcher or ``torchrun`` when rank 0 exits.
+
 What it does not cover: ``ModelParallelStrategy`` (FSDP2) with ``save_distributed_checkpoint=True`` (its
 default) never calls the ``CheckpointIO`` for a save or a load: every rank writes its shards with
 ``torch.distributed.checkpoint`` and rank 0 writes ``meta.pt`` with ``torch.save``, straight into the
@@ -83,13 +86,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def first_non_finite(tensors: Mapping[str, Any]) -> tuple[str, torch.Tensor] | None:
-    """The first ``(name, tensor)`` of ``tensors`` (in order) that is floating point and holds a NaN or ±inf."""
+    """The first ``(name, tensor)`` of ``tensors`` (in order) that is floating point and holds a NaN or ±inf.
+
+    One reduction per tensor and one host sync per device in all (not one per tensor).
+    """
+    checked: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     for name, value in tensors.items():
         if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
             local = _local(value)
-            if local.numel() and not bool(torch.isfinite(local).all()):
-                return name, local
-    return None
+            if local.numel():
+                checked.append((name, local, torch.isfinite(local).all()))
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, _, ok in checked:
+        by_device.setdefault(ok.device, []).append(ok)
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return None
+    return next((name, local) for name, local, ok in checked if not bool(ok))
 
 
 def _describe_non_finite(name: str, t: torch.Tensor) -> str:

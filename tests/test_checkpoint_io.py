@@ -178,13 +178,14 @@ def test_any_flipped_byte_is_refused_with_a_sidecar(tmp_path, where):
     assert os.fspath(path) in str(info.value)
 
 
-@pytest.mark.parametrize("case", ["truncated", "empty", "random-bytes"])
+@pytest.mark.parametrize("case", ["truncated", "empty", "random-bytes", "pickle-header"])
 def test_damaged_files_are_refused_naming_the_file(tmp_path, case):
     io = VerifiedCheckpointIO()
     good = tmp_path / "good.ckpt"
     io.save_checkpoint(small_checkpoint(), good)
     data = good.read_bytes()
-    content = {"truncated": data[: len(data) // 2], "empty": b"", "random-bytes": os.urandom(len(data))}[case]
+    content = {"truncated": data[: len(data) // 2], "empty": b"", "random-bytes": os.urandom(len(data)),
+               "pickle-header": b"\x80\x04" + os.urandom(len(data))}[case]  # not torch's legacy magic number
     for with_sidecar in (True, False):
         bad = tmp_path / f"{case}-{with_sidecar}.ckpt"
         bad.write_bytes(content)
@@ -193,6 +194,8 @@ def test_damaged_files_are_refused_naming_the_file(tmp_path, case):
         with pytest.raises(CheckpointError) as info:
             io.load_checkpoint(bad)
         assert info.value.path == os.fspath(bad), (case, with_sidecar)
+        with pytest.raises(CheckpointError):  # refused before torch.load, so never picked to resume from
+            verify_checkpoint(bad)
         assert os.fspath(bad) in str(info.value)
     assert good.read_bytes() == data
 
