@@ -132,3 +132,76 @@ def test_generic_optimizer_with_train_eval():
     cb.on_train_batch_start(T, None, None, 0)
     cb.on_validation_start(T, None)
     assert Dummy.calls == ["train", "eval"]
+
+
+# -- the schedule-free core shared by sf-adamw and sf-normuon ------------------------------------------------
+
+
+def test_clock_follows_the_formula():
+    """lr_t = lr·min(1, t/warmup), c = w_t/Σw with w = t^r·lr_max^power (r 0, power 2: lr_t²/Σ lr_i²)."""
+    from lightning_optim.optim._schedule_free import clock_defaults, tick
+
+    group = {"lr": 0.3, **clock_defaults(warmup_steps=3, r=0.0, weight_lr_power=2.0)}
+    lrs = [0.1, 0.2, 0.3, 0.3, 0.3]
+    for t, lr_t in enumerate(lrs, start=1):
+        got_lr, c = tick(group)
+        assert got_lr == pytest.approx(lr_t) and group["scheduled_lr"] == got_lr and group["k"] == t
+        assert c == pytest.approx(lr_t ** 2 / sum(x ** 2 for x in lrs[:t]))
+    group = {"lr": 1.0, **clock_defaults(warmup_steps=0, r=1.0, weight_lr_power=0.0)}
+    assert [tick(group)[1] for _ in range(3)] == pytest.approx([1.0, 2 / 3, 3 / 6])  # w_t = t
+
+
+@pytest.mark.parametrize("name", ["sf-adamw", "sf-normuon"])
+def test_train_eval_have_the_reference_signature(name):
+    """train() / eval() take no argument and return None, as schedulefree's do; both are idempotent and
+    eval() gives x = (y - (1-β1)·z)/β1."""
+    import inspect
+
+    schedulefree = pytest.importorskip("schedulefree")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)).double()
+    opt = create_optimizer(name, net, lr=0.1, warmup_steps=1)
+    for meth in ("train", "eval"):
+        assert list(inspect.signature(getattr(opt, meth)).parameters) == list(
+            inspect.signature(getattr(schedulefree.AdamWScheduleFree([torch.zeros(1)]), meth)).parameters) == []
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(8, 4, dtype=torch.float64)).square().mean().backward()
+        opt.step()
+    y = [p.detach().clone() for p in net.parameters()]
+    assert opt.eval() is None and opt.eval() is None and not opt.train_mode
+    beta1 = {id(p): g["betas"][0] for g in opt.param_groups for p in g["params"]}
+    for p, yp in zip(net.parameters(), y):
+        z = opt.state[p]["z"]
+        torch.testing.assert_close(p.detach(), (yp - (1 - beta1[id(p)]) * z) / beta1[id(p)], rtol=1e-12, atol=1e-14)
+    assert opt.train() is None and opt.train() is None and opt.train_mode
+    for p, yp in zip(net.parameters(), y):
+        torch.testing.assert_close(p.detach(), yp, rtol=1e-12, atol=1e-14)
+
+
+def test_sf_normuon_non_matrix_rule_is_sf_adamw():
+    """SF-NorMuon's non-matrix parameters take the SF-AdamW step (same core): without weight decay, where the
+    two differ only in where the decay is taken (z vs y), the trajectories agree bit for bit."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(7))
+    b = torch.nn.Parameter(a.detach().clone())
+    hp = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, warmup_steps=2)
+    sf_adamw = create_optimizer("sf-adamw", [a], weight_decay=0.0, **hp)
+    sf_normuon = create_optimizer("sf-normuon", [{"params": [b], "matrix": False}], adamw_lr=hp["lr"],
+                                  adamw_betas=hp["betas"], adamw_eps=hp["eps"], adamw_weight_decay=0.0,
+                                  warmup_steps=hp["warmup_steps"])
+    for step in range(5):
+        g = torch.randn(7, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = g.clone(), g.clone()
+        sf_adamw.step()
+        sf_normuon.step()
+        assert torch.equal(a, b), step
+    assert torch.equal(sf_adamw.state[a]["z"], sf_normuon.state[b]["z"])
+    assert not torch.equal(a.detach(), sf_adamw.state[a]["z"])  # the iterates did separate
+
+
+@pytest.mark.parametrize("name, field", [("sf-adamw", "betas"), ("sf-normuon", "betas"),
+                                         ("sf-normuon", "adamw_betas")])
+def test_zero_beta1_is_refused(name, field):
+    with pytest.raises(ValueError, match=rf"{field}\[0\] must be > 0"):
+        create_optimizer(name, torch.nn.Linear(3, 3), **{field: (0.0, 0.99)})

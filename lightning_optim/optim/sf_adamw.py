@@ -10,13 +10,18 @@ and ``v`` are stored (state 2×P: ``z``, ``exp_avg_sq``), ``x`` is recovered fro
 so with warmup and no external schedule ``c = lr_t²/Σ lr_i²``. No external LR schedule is needed
 (use ``constant``).
 
-Modes: :meth:`train` / :meth:`eval` switch the parameters between ``y`` and ``x`` and are idempotent; every
-group carries a ``train_mode`` flag set at construction (``True``: a fresh optimizer is in train mode, where
-``x = y = z``). ``step()`` in eval mode raises. In Lightning the
-:class:`~lightning_optim.callbacks.schedule_free.ScheduleFreeSwitch` callback (added by the mixin) puts the
-optimizer in eval mode for validation and for every saved checkpoint, and back in train mode before every
-gradient. Save checkpoints in eval mode (the weights are then ``x``); the optimizer state holds ``z``, so a
-resume continues exactly.
+The clock (``c``, warmup, ``lr_max``), the ``train()`` / ``eval()`` switch and the eager update are the
+schedule-free core, :mod:`lightning_optim.optim._schedule_free`, shared with ``sf-normuon``; this module adds
+the compiled kernel (the same update on one tensor) and the registration. Every group's clock ticks on a step
+in which any parameter has a gradient, as in the reference; a step with no gradient at all changes nothing.
+
+Modes: ``train()`` / ``eval()`` (no argument, return ``None``, as the reference's) switch the parameters
+between ``y`` and ``x`` and are idempotent; every group carries a ``train_mode`` flag set at construction
+(``True``: a fresh optimizer is in train mode, where ``x = y = z``). ``step()`` in eval mode raises. In
+Lightning the :class:`~lightning_optim.callbacks.schedule_free.ScheduleFreeSwitch` callback (added by the
+mixin) puts the optimizer in eval mode for validation and for every saved checkpoint, and back in train mode
+before every gradient. Checkpoints saved in eval mode hold the weights ``x``; the optimizer state holds ``z``,
+so a resume continues exactly.
 
 Defaults (best 124M settings of Semenov et al. 2025): lr 1e-3, betas (0.9, 0.9999), warmup_steps 2000, eps
 1e-8, weight decay 0.1, r 0, weight_lr_power 2 (use grad clipping 0.5: unclipped at lr 1e-3 is unstable).
@@ -32,7 +37,9 @@ from typing import Any
 
 import torch
 
-from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg, local
+from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
+from lightning_optim.optim._schedule_free import (ScheduleFreeModes, check_schedule_free, clock_defaults,
+                                                  sf_adamw_update, tick)
 from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["AdamWScheduleFree"]
@@ -49,7 +56,7 @@ def sf_adamw_kernel(y: torch.Tensor, g: torch.Tensor, z: torch.Tensor, v: torch.
     v.copy_(v_new)
 
 
-class AdamWScheduleFree(ElementwiseOptimizer):
+class AdamWScheduleFree(ScheduleFreeModes, ElementwiseOptimizer):
     """Schedule-free AdamW; ``train()`` / ``eval()`` switch the parameters between y and x."""
 
     state_names = ("z", "exp_avg_sq")
@@ -59,63 +66,21 @@ class AdamWScheduleFree(ElementwiseOptimizer):
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.9999),
                  eps: float = 1e-8, weight_decay: float = 0.1, warmup_steps: int = 2000, r: float = 0.0,
                  weight_lr_power: float = 2.0, compiled: bool = False) -> None:
-        check_nonneg(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, weight_lr_power=weight_lr_power)
+        check_nonneg(lr=lr, weight_decay=weight_decay)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         betas = check_betas(betas, 2)
-        if betas[0] == 0:
-            raise ValueError("betas[0] must be > 0 for schedule-free (x is recovered as (y - (1-β1)·z)/β1)")
+        check_schedule_free(betas, warmup_steps, r, weight_lr_power)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      warmup_steps=int(warmup_steps), r=r, weight_lr_power=weight_lr_power,
-                                      k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0),
-                         compiled)
+                                      **clock_defaults(warmup_steps, r, weight_lr_power)), compiled)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"z": p.detach().clone(memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
-    # -- modes ---------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def _switch(self, to_train: bool) -> None:
-        for group in self.param_groups:
-            if group["train_mode"] == to_train:
-                continue
-            beta1 = group["betas"][0]
-            weight = 1 - beta1 if to_train else 1 - 1 / beta1
-            ps, zs = [], []
-            for p in group["params"]:
-                z = self.state[p].get("z") if p in self.state else None
-                if z is not None:
-                    ps.append(local(p))
-                    zs.append(local(z).to(local(p).device))
-            if ps:
-                torch._foreach_lerp_(ps, zs, weight)
-            group["train_mode"] = to_train
-
-    def train(self, mode: bool = True) -> "AdamWScheduleFree":
-        """Parameters hold y (where gradients are taken). Idempotent."""
-        self._switch(bool(mode))
-        return self
-
-    def eval(self) -> "AdamWScheduleFree":
-        """Parameters hold x (the averaged weights: validate and save these). Idempotent."""
-        self._switch(False)
-        return self
-
-    @property
-    def train_mode(self) -> bool:
-        return all(g["train_mode"] for g in self.param_groups)
-
-    # -- step ----------------------------------------------------------------------------------------------
-
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        if not all(g["train_mode"] for g in self.param_groups):
-            raise RuntimeError(
-                "AdamWScheduleFree.step() called in eval mode: call optimizer.train() before training steps "
-                "(in Lightning, add lightning_optim.callbacks.ScheduleFreeSwitch)"
-            )
+        self._require_train_mode()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -123,42 +88,20 @@ class AdamWScheduleFree(ElementwiseOptimizer):
         if all(p.grad is None for group in self.param_groups for p in group["params"]):
             return loss  # no parameter takes a step: k, lr_max and weight_sum stay (a guard dropped the step)
         for group in self.param_groups:
-            k = group["k"]
-            warmup = group["warmup_steps"]
-            sched = (k + 1) / warmup if k < warmup else 1.0
-            lr = group["lr"] * sched
-            group["scheduled_lr"] = lr
-            lr_max = group["lr_max"] = max(lr, group["lr_max"])
-            weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
-            weight_sum = group["weight_sum"] = group["weight_sum"] + weight
-            ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+            t = group["k"] + 1
+            lr, c = tick(group)  # every group's clock runs, as in the reference
             for b in self._buckets(group):
-                self._update_bucket(group, b, lr, ckp1, k)
-            group["k"] = k + 1
+                self._update_bucket(group, b, lr, c, t)
         return loss
 
-    def _update_bucket(self, group: dict[str, Any], b: Bucket, lr: float, ckp1: float, k: int) -> None:
+    def _update_bucket(self, group: dict[str, Any], b: Bucket, lr: float, c: float, t: int) -> None:
         beta1, beta2 = group["betas"]
         b = self._run_kernel(b, sf_adamw_kernel, (
-            beta2, 1 - beta2, 1 / math.sqrt(1 - beta2 ** (k + 1)), group["eps"], group["weight_decay"], ckp1,
-            lr * (beta1 * (1 - ckp1) - 1), -lr))
-        if not b.params:
-            return
-        y, z, v = b.params, b.state["z"], b.state["exp_avg_sq"]
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, b.grads, b.grads, value=1 - beta2)
-        # u = g / (sqrt(v/bc2) + eps) + wd·y = sqrt(bc2)·w  with  w = g / (sqrt(v) + eps·sqrt(bc2)) + (wd/sqrt(bc2))·y;
-        # the factor sqrt(bc2) goes into the step sizes (one pass over memory fewer per op saved)
-        sbc2 = math.sqrt(1 - beta2 ** (k + 1))
-        w = torch._foreach_sqrt(v)
-        torch._foreach_add_(w, group["eps"] * sbc2)
-        torch._foreach_div_(w, b.grads)
-        torch._foreach_reciprocal_(w)  # in the one buffer: a second 1×P list would be fresh pages every step
-        if group["weight_decay"] != 0:
-            torch._foreach_add_(w, y, alpha=group["weight_decay"] / sbc2)
-        torch._foreach_lerp_(y, z, ckp1)
-        torch._foreach_add_(y, w, alpha=sbc2 * lr * (beta1 * (1 - ckp1) - 1))
-        torch._foreach_add_(z, w, alpha=-lr * sbc2)
+            beta2, 1 - beta2, 1 / math.sqrt(1 - beta2 ** t), group["eps"], group["weight_decay"], c,
+            lr * (beta1 * (1 - c) - 1), -lr))
+        if b.params:
+            sf_adamw_update(b.params, b.grads, b.state["z"], b.state["exp_avg_sq"], lr=lr, c=c, t=t,
+                            betas=(beta1, beta2), eps=group["eps"], weight_decay=group["weight_decay"])
 
 
 @register_optimizer(

@@ -15,7 +15,10 @@ Lightning run by :class:`~lightning_optim.callbacks.schedule_free.ScheduleFreeSw
 ``x`` is not stored: like facebookresearch/schedule_free, the step updates ``y`` directly
 (``y ← lerp(y, z, c) + lr_t·(β1(1-c)-1)·u``, ``z ← z - lr_t·u``) and ``eval()`` maps ``y → x``. Non-matrix
 parameters use SF-AdamW with the weight decay at ``z`` (``u = g/(sqrt(v/bc2)+eps) + wd·z``) and their own
-``adamw_lr``/``adamw_betas``/``adamw_eps``/``adamw_weight_decay``. State: z and m per matrix (2×P) plus the
+``adamw_lr``/``adamw_betas``/``adamw_eps``/``adamw_weight_decay``. The clock, the y-form step, the
+``train()``/``eval()`` switch and that SF-AdamW update are the schedule-free core
+(:mod:`lightning_optim.optim._schedule_free`), shared with ``sf-adamw``; each group's clock ticks when one of
+its parameters has a gradient. State: z and m per matrix (2×P) plus the
 rows of v; z and v for the rest.
 
 Defaults (reported for the paper; confirm on your runs): β1 0.9, β2 0.95, μ 0.8, weight decay 0.05; lr 1e-3
@@ -26,7 +29,6 @@ so checkpoints (torch.save and torch.distributed.checkpoint) restore them.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -34,6 +36,8 @@ from torch import Tensor
 
 from lightning_optim.optim._hybrid import ADAMW_ROUTING, HybridMatrixOptimizer, state_like_rows
 from lightning_optim.optim._matrix_dist import MatrixMeta, local
+from lightning_optim.optim._schedule_free import (ScheduleFreeModes, apply_direction, check_schedule_free,
+                                                  clock_defaults, sf_adamw_update, tick)
 from lightning_optim.optim.normuon import normuon_scales, row_normalize
 from lightning_optim.registry import StateLayout, register_optimizer
 
@@ -45,21 +49,7 @@ def _rows(shape: tuple[int, ...]) -> int:
     return int(shape[0]) if shape else 1
 
 
-def _interpolation(group: dict[str, Any]) -> tuple[float, float]:
-    """Advance the group's schedule-free clock: returns ``(lr_t, c)`` and updates k, lr_max, weight_sum."""
-    k = group["k"]
-    warmup = group["warmup_steps"]
-    lr_t = group["lr"] * (min(1.0, (k + 1) / warmup) if warmup and warmup > 0 else 1.0)
-    lr_max = group["lr_max"] = max(lr_t, group["lr_max"])
-    weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
-    weight_sum = group["weight_sum"] = group["weight_sum"] + weight
-    c = weight / weight_sum if weight_sum > 0 else 0.0
-    group["k"] = k + 1
-    group["scheduled_lr"] = lr_t
-    return lr_t, c
-
-
-class SFNorMuon(HybridMatrixOptimizer):
+class SFNorMuon(ScheduleFreeModes, HybridMatrixOptimizer):
     """SF-NorMuon (see the module docstring). Call ``train()`` before steps and ``eval()`` before evaluating
     or saving; ``step()`` in eval mode raises."""
 
@@ -69,43 +59,16 @@ class SFNorMuon(HybridMatrixOptimizer):
                  adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.9999),
                  adamw_eps: float = 1e-8, adamw_weight_decay: float | None = None,
                  distributed: bool | None = None) -> None:
+        check_schedule_free(tuple(betas), warmup_steps, r, weight_lr_power)
+        check_schedule_free(tuple(adamw_betas), warmup_steps, r, weight_lr_power, betas_name="adamw_betas")
         defaults = dict(lr=lr, betas=tuple(betas), momentum=momentum, weight_decay=weight_decay, eps=eps,
-                        warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power, ns_steps=ns_steps,
-                        ns_coefficients=ns_coefficients, k=0, lr_max=0.0, weight_sum=0.0, train_mode=True,
-                        scheduled_lr=0.0)
+                        ns_steps=ns_steps, ns_coefficients=ns_coefficients,
+                        **clock_defaults(warmup_steps, r, weight_lr_power))
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, distributed=distributed)
 
-    # -- train / eval ---------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def eval(self) -> None:
-        """Parameters ← x (the average iterate)."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                beta1 = group["betas"][0]
-                for p in group["params"]:
-                    z = self.state[p].get("z")
-                    if z is not None:
-                        local(p).lerp_(local(z), 1.0 - 1.0 / beta1)
-                group["train_mode"] = False
-
-    @torch.no_grad()
-    def train(self) -> None:
-        """Parameters ← y (where gradients are taken)."""
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                beta1 = group["betas"][0]
-                for p in group["params"]:
-                    z = self.state[p].get("z")
-                    if z is not None:
-                        local(p).lerp_(local(z), 1.0 - beta1)
-                group["train_mode"] = True
-
     def _check_mode(self) -> None:
-        if not all(g["train_mode"] for g in self.param_groups):
-            raise RuntimeError("SF-NorMuon stepped in eval mode: call optimizer.train() before training steps "
-                               "(ScheduleFreeSwitch does this in a Lightning run)")
+        self._require_train_mode()
 
     # -- matrices ------------------------------------------------------------------------------------------
 
@@ -122,7 +85,7 @@ class SFNorMuon(HybridMatrixOptimizer):
 
     def _apply_matrix_update(self, group: dict[str, Any], ps: list[Tensor], ortho: list[Tensor],
                              metas: list[MatrixMeta]) -> None:
-        lr_t, c = _interpolation(group)
+        lr_t, c = tick(group)
         beta1, beta2 = group["betas"]
         wd = group["weight_decay"]
         y = [local(p) for p in ps]
@@ -134,9 +97,7 @@ class SFNorMuon(HybridMatrixOptimizer):
         u = [(o * s).view(x.shape).to(x.dtype) for o, s, x in zip(Ph, scales, y)]
         if wd:
             torch._foreach_add_(u, z, alpha=wd)
-        torch._foreach_lerp_(y, z, c)
-        torch._foreach_add_(y, u, alpha=lr_t * (beta1 * (1.0 - c) - 1.0))
-        torch._foreach_add_(z, u, alpha=-lr_t)
+        apply_direction(y, z, u, lr_t, c, beta1)
 
     # -- the rest: SF-AdamW with decay at z ---------------------------------------------------------------
 
@@ -149,25 +110,12 @@ class SFNorMuon(HybridMatrixOptimizer):
             if not state:
                 state["z"] = p.detach().clone(memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        k = group["k"]
-        lr_t, c = _interpolation(group)
-        beta1, beta2 = group["betas"]
-        bc2 = 1.0 - beta2 ** (k + 1)
-        y = [local(p) for p in ps]
-        g = [local(p.grad) for p in ps]
-        z = [local(self.state[p]["z"]) for p in ps]
-        v = [local(self.state[p]["exp_avg_sq"]) for p in ps]
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-        den = torch._foreach_div(v, bc2)
-        torch._foreach_sqrt_(den)
-        torch._foreach_add_(den, group["eps"])
-        u = torch._foreach_div(g, den)
-        if group["weight_decay"]:
-            torch._foreach_add_(u, z, alpha=group["weight_decay"])
-        torch._foreach_lerp_(y, z, c)
-        torch._foreach_add_(y, u, alpha=lr_t * (beta1 * (1.0 - c) - 1.0))
-        torch._foreach_add_(z, u, alpha=-lr_t)
+        t = group["k"] + 1
+        lr_t, c = tick(group)
+        sf_adamw_update([local(p) for p in ps], [local(p.grad) for p in ps],
+                        [local(self.state[p]["z"]) for p in ps], [local(self.state[p]["exp_avg_sq"]) for p in ps],
+                        lr=lr_t, c=c, t=t, betas=group["betas"], eps=group["eps"],
+                        weight_decay=group["weight_decay"], decay_at_z=True)
 
 
 @register_optimizer(
