@@ -7,6 +7,14 @@ name, or its group and index, or its shape), or train correctly: the parameter t
 stays finite, the frozen one and the one without gradients do not move, and nothing fails inside ``step()``.
 Each case is tried both through a module (the default grouping; hybrids route by shape) and as a plain list
 of parameters where that makes sense.
+
+Checked values, generated from each optimizer's registered defaults: every number-valued hyperparameter is
+refused as inf, -inf or NaN (except an infinity that is its own default, Prodigy's ``growth_rate``) and as a
+string (``"got the string '0.5'; pass a number"``); betas of the wrong length, counts that are negative,
+fractional, infinite or bools, an ``lr_scale`` that is negative, NaN, inf or a string, and a tensor listed
+twice are refused naming the field, group or parameter; every registered default passes (no false
+refusals) and a valid ``lr_scale`` scales its group. Parameters still on the meta device are refused at
+``step()`` naming the parameter (building over them is allowed: FSDP2 materialises them in place).
 """
 
 from __future__ import annotations
