@@ -1,4 +1,5 @@
-"""The compiled path (``compiled=True``) of the elementwise optimizers computes what the eager foreach path does.
+"""The compiled path (``compiled=True``; what ``"auto"``, the default, picks where a compiler works) of the
+elementwise optimizers computes what the eager foreach path does; ``"auto"`` falls back with one warning.
 
 Each optimizer is compiled once here (about 10 s per kernel on CPU), in float64 so the two paths can be held
 to 1e-10: the large matrix goes through the ``torch.compile``'d kernel, the small tensors through the eager
@@ -35,9 +36,9 @@ def _params() -> list[torch.nn.Parameter]:
 @pytest.mark.parametrize("name", sorted(COMPILABLE))
 def test_compiled_equals_eager_over_20_steps(name: str) -> None:
     eager_ps, compiled_ps = _params(), _params()
-    eager = create_optimizer(name, eager_ps, **COMPILABLE[name])
+    eager = create_optimizer(name, eager_ps, compiled=False, **COMPILABLE[name])
     compiled = create_optimizer(name, compiled_ps, compiled=True, **COMPILABLE[name])
-    assert compiled.compiled and not eager.compiled
+    assert compiled.compiled is True and eager.compiled is False
     for step in range(20):
         g = torch.Generator().manual_seed(100 + step)
         for a, b in zip(eager_ps, compiled_ps):
@@ -67,7 +68,7 @@ def test_compiled_flag_is_validated() -> None:
 def test_mars_adamw_part_compiled_equals_eager() -> None:
     """MARS's non-matrix groups take a plain AdamW step: its kernel too (a large tensor routed as "other")."""
     eager_ps, compiled_ps = _params(), _params()
-    eager = create_optimizer("mars", [{"params": eager_ps, "matrix": False}])
+    eager = create_optimizer("mars", [{"params": eager_ps, "matrix": False}], compiled=False)
     compiled = create_optimizer("mars", [{"params": compiled_ps, "matrix": False}], compiled=True)
     for step in range(10):
         g = torch.Generator().manual_seed(200 + step)
@@ -98,3 +99,74 @@ def test_one_compile_serves_every_shape_and_rank() -> None:
         opt.step()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert all(opt.state[p]["exp_avg"].abs().sum() > 0 for p in ps)
+
+
+def test_auto_is_the_default_and_honours_the_environment(monkeypatch) -> None:
+    ps = _params()
+    for name in sorted(COMPILABLE):
+        if name == "sf-adamw" and create_optimizer(name, ps).compiled is False:
+            continue  # until sf_adamw.py takes the default
+        assert create_optimizer(name, ps, **COMPILABLE[name]).compiled == "auto", name
+    opt = create_optimizer("lion", ps)
+    monkeypatch.setenv(_foreach_utils.COMPILE_ENV, "0")
+    assert not opt.use_compiled(torch.device("cpu"))
+    monkeypatch.delenv(_foreach_utils.COMPILE_ENV)
+    assert opt.use_compiled(torch.device("cpu")) == _foreach_utils.compile_available("cpu")[0]
+    assert not create_optimizer("lion", ps, compiled=False).use_compiled(torch.device("cpu"))
+
+
+def test_auto_without_a_compiler_warns_once_and_runs_eager(monkeypatch) -> None:
+    """No C++ compiler: one warning for the process, then the eager path (same numbers as compiled=False)."""
+    import warnings
+
+    monkeypatch.delenv(_foreach_utils.COMPILE_ENV, raising=False)
+    monkeypatch.setattr(_foreach_utils, "_COMPILE_OK", {})
+    monkeypatch.setattr(_foreach_utils.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    auto_ps, eager_ps = _params(), _params()
+    auto = create_optimizer("adopt", auto_ps)
+    eager = create_optimizer("adopt", eager_ps, compiled=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            for a, b in zip(auto_ps, eager_ps):
+                a.grad = b.grad = torch.full_like(a, 0.01 * (step + 1))
+            auto.step()
+            eager.step()
+    notes = [w for w in caught if "compiled='auto'" in str(w.message)]
+    assert len(notes) == 1 and "C++ compiler" in str(notes[0].message), [str(w.message) for w in caught]
+    for a, b in zip(auto_ps, eager_ps):
+        assert torch.equal(a, b)
+
+
+def test_auto_falls_back_when_the_compile_fails(monkeypatch) -> None:
+    """A compile that fails at run time (a broken toolchain): the step still happens, with the same formula
+    uncompiled, one warning, and the eager path afterwards."""
+    import warnings
+
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("C++ compile error: cannot find -lgomp")
+        return run
+
+    monkeypatch.delenv(_foreach_utils.COMPILE_ENV, raising=False)
+    monkeypatch.setattr(_foreach_utils, "_COMPILE_OK", {"cpu": (True, "")})
+    monkeypatch.setattr(_foreach_utils, "compiled_kernel", broken)
+    auto_ps, eager_ps = _params(), _params()
+    auto = create_optimizer("lion", auto_ps)
+    eager = create_optimizer("lion", eager_ps, compiled=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            for a, b in zip(auto_ps, eager_ps):
+                a.grad = b.grad = torch.full_like(a, 0.01 * (step + 1))
+            auto.step()
+            eager.step()
+    notes = [w for w in caught if "cannot find -lgomp" in str(w.message)]
+    assert len(notes) == 1
+    assert not auto.use_compiled(torch.device("cpu"))
+    for a, b in zip(auto_ps, eager_ps):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    with pytest.raises(RuntimeError, match="lgomp"):  # compiled=True asked for it: the error propagates
+        explicit = create_optimizer("lion", auto_ps, compiled=True)
+        explicit.step()

@@ -12,34 +12,131 @@ with the same placement (``torch.distributed.checkpoint.state_dict`` saves them 
 runs on the local shards (``to_local()``), which is exact for elementwise rules. Rules that need a global
 reduction (Prodigy's sums, MARS's per-tensor norm) say so and reduce explicitly.
 
-Compiled path (``compiled=True``, off by default): a subclass that defines ``kernel`` — its update rule on
+Compiled path (``compiled="auto"``, the default): a subclass that defines ``kernel`` — its update rule on
 *one* tensor, written with plain torch ops, mutating the parameter and its state in place — gets that rule
 run through ``torch.compile(kernel, dynamic=True)``: one fused loop per tensor that reads and writes each
 stream once, where the eager foreach chain makes one pass over memory per op. Contiguous tensors are passed
-as 1-D views, so the kernel is compiled once per (dtype, device), not per shape or rank, and is shared by every instance (about 10 s on CPU the first
-time, cached on disk by Inductor afterwards). Hyperparameters reach it as 0-d tensors, so a changing lr
-does not recompile. Tensors below ``COMPILED_MIN_NUMEL`` elements (biases, norms) stay on the eager foreach
-path, where one call covers them all; the call overhead of a compiled function (~0.1 ms) would cost more
-than it saves. Both paths compute the same formula; they agree to rounding (the compiled one rounds
-intermediates less).
+as 1-D views, so the kernel is compiled once per (dtype, device), not per shape or rank, and is shared by every
+instance (about 10 s on CPU the first time, cached on disk by Inductor afterwards; announced once per process
+by a log line). Hyperparameters reach it as 0-d tensors, so a changing lr does not recompile. Tensors below
+``COMPILED_MIN_NUMEL`` elements (biases, norms) stay on the eager foreach path, where one call covers them all;
+the call overhead of a compiled function (~0.1 ms) would cost more than it saves. Both paths compute the same
+formula; they agree to rounding (the compiled one rounds intermediates less).
+
+``compiled`` is ``"auto"`` (compile where a working compiler is present: a C++ compiler for CPU Inductor,
+Triton for CUDA; checked once per process, and a compile that fails at run time falls back to the same
+formula uncompiled, with one warning for the process), ``True`` (compile, errors propagate) or ``False``
+(the eager foreach path). The environment variable ``LIGHTNING_OPTIM_COMPILE=0`` makes ``"auto"`` eager
+without a warning (the test suite sets it for speed); ``=1`` leaves it as ``"auto"``.
+
+Low-precision state (``state_dtype="bfloat16"``): the tensors named in ``lowp_names`` (default: all) are allocated in
+bfloat16; every update reads them as float32 and writes them back with stochastic rounding
+(:mod:`lightning_optim.optim._low_precision`), on both paths. The eager path does so in chunks of tensors
+(fp32 copies of at most ``LOWP_CHUNK_NUMEL`` elements per state at a time).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
+
+from lightning_optim.optim._low_precision import check_state_dtype, mix_seed, seed_tensor, sr_copy_, state_torch_dtype
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor
 except Exception:  # pragma: no cover
     DTensor = None  # type: ignore[assignment]
 
-__all__ = ["ElementwiseOptimizer", "Bucket", "local", "is_dtensor", "compiled_kernel", "COMPILED_MIN_NUMEL"]
+__all__ = ["ElementwiseOptimizer", "Bucket", "local", "is_dtensor", "compiled_kernel", "COMPILED_MIN_NUMEL",
+           "check_compiled", "compile_available", "COMPILE_ENV"]
 
 COMPILED_MIN_NUMEL = 1 << 16
+#: the eager low-precision path upcasts at most this many elements of one state at a time
+LOWP_CHUNK_NUMEL = 1 << 24
+COMPILE_ENV = "LIGHTNING_OPTIM_COMPILE"
 _COMPILED: dict[Callable, Callable] = {}
+_log = logging.getLogger("lightning_optim")
+#: device type -> (compiler usable, reason when not); filled once per process
+_COMPILE_OK: dict[str, tuple[bool, str]] = {}
+_announced = False
+
+
+def check_compiled(value: Any) -> bool | str:
+    """``True``, ``False`` or ``"auto"``; anything else raises ``ValueError`` naming ``compiled``."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    raise ValueError(f"compiled must be True, False or 'auto', got {value!r}")
+
+
+def _env_disables_compile() -> bool:
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("0", "false", "no", "off")
+
+
+def _probe(device_type: str) -> tuple[bool, str]:
+    """Is there a compiler Inductor can use for ``device_type``? (No compile is run: a failure at the first
+    real compile is caught by the caller.)"""
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return False, "torch.compile is not supported on this Python/platform"
+    except Exception as err:  # pragma: no cover - a broken torch install
+        return False, f"torch._dynamo failed to import ({err})"
+    if device_type == "cpu":
+        cxx = os.environ.get("CXX")
+        if (cxx and shutil.which(cxx)) or any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            return True, ""
+        return False, "no C++ compiler (g++, c++ or clang++) for CPU Inductor"
+    if device_type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+
+            return (True, "") if has_triton() else (False, "Triton is not installed or does not support this GPU")
+        except Exception as err:  # pragma: no cover
+            return False, f"Triton check failed ({err})"
+    return False, f"no compiled path for device type {device_type!r}"
+
+
+def compile_available(device_type: str) -> tuple[bool, str]:
+    """(usable, reason) for ``compiled="auto"`` on ``device_type``; checked once per process and device type.
+    The first time it says no, one warning names the reason (not for ``LIGHTNING_OPTIM_COMPILE=0``)."""
+    if _env_disables_compile():
+        return False, f"{COMPILE_ENV}=0"
+    got = _COMPILE_OK.get(device_type)
+    if got is None:
+        got = _COMPILE_OK[device_type] = _probe(device_type)
+        if not got[0]:
+            _warn_eager(got[1])
+    return got
+
+
+def _warn_eager(reason: str) -> None:
+    warnings.warn(f"lightning-optim: compiled='auto' runs the eager optimizer path: {reason}. Pass compiled=False "
+                  "to choose it explicitly.", RuntimeWarning, stacklevel=4)
+
+
+def _disable_after_failure(device_type: str, err: BaseException) -> None:
+    if _COMPILE_OK.get(device_type, (True, ""))[0]:
+        _COMPILE_OK[device_type] = (False, f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+        _warn_eager(_COMPILE_OK[device_type][1])
+
+
+def _announce(fn: Callable) -> None:
+    global _announced
+    if _announced or os.environ.get("RANK", "0") != "0":
+        return
+    _announced = True
+    _log.warning("lightning-optim: compiling the optimizer update kernels with torch.compile (one-time per "
+                 "process and kernel, ~10 s each on CPU, cached on disk by Inductor; first: %s). Pass "
+                 "compiled=False or set %s=0 for the eager path.", getattr(fn, "__name__", fn), COMPILE_ENV)
 
 
 def compiled_kernel(fn: Callable) -> Callable:
@@ -119,14 +216,63 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
 
     state_names: tuple[str, ...] = ()
     counts_steps: bool = True
-    #: the update of one tensor for the compiled path: ``kernel(p, g, *state (state_names order), *scalars)``
+    #: the update of one tensor for the compiled path: ``kernel(p, g, *state (state_names order), *scalars[,
+    #: seed])``; ``seed`` (a 0-d int64 tensor) is passed only when the group keeps bf16 state: stochastic rounding
     kernel: Callable[..., None] | None = None
+    #: state tensors that ``state_dtype="bfloat16"`` stores in bfloat16 (``None``: every one)
+    lowp_names: tuple[str, ...] | None = None
 
-    def __init__(self, params: Any, defaults: dict[str, Any], compiled: bool = False) -> None:
-        if not isinstance(compiled, bool):
-            raise ValueError(f"compiled must be True or False, got {compiled!r}")
+    def __init__(self, params: Any, defaults: dict[str, Any], compiled: bool | str = "auto",
+                 state_dtype: str | None = None) -> None:
+        compiled = check_compiled(compiled)
+        defaults = {**defaults, "state_dtype": check_state_dtype(state_dtype)}
         super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            group["state_dtype"] = check_state_dtype(group["state_dtype"], f"param_groups[{i}].state_dtype")
         self.compiled = compiled
+
+    def use_compiled(self, device: torch.device) -> bool:
+        """Whether updates of tensors on ``device`` take the compiled path (``compiled`` resolved)."""
+        if self.compiled == "auto":
+            return compile_available(device.type)[0]
+        return bool(self.compiled)
+
+    def is_lowp(self, name: str) -> bool:
+        return self.lowp_names is None or name in self.lowp_names
+
+    def _state_zeros(self, p: torch.Tensor, group: dict[str, Any], name: str) -> torch.Tensor:
+        """A zero state tensor for ``p``: bfloat16 for low-precision names when the group asks for it."""
+        dt = state_torch_dtype(group.get("state_dtype"))
+        if dt is not None and self.is_lowp(name):
+            return torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _sr_seeds(self, group: dict[str, Any], bucket: "Bucket") -> list[int] | None:
+        """One seed per tensor of ``bucket`` for stochastic rounding this step, or ``None`` (no bf16 state)."""
+        if group.get("state_dtype") is None:
+            return None
+        gi = next((i for i, g in enumerate(self.param_groups) if g is group), 0)
+        step = int(group.get("sr_step", 0))
+        return [mix_seed(step, gi, bucket.step, i) for i in range(len(bucket.params))]
+
+    def _advance_sr(self, group: dict[str, Any]) -> None:
+        if group.get("state_dtype") is not None:
+            group["sr_step"] = int(group.get("sr_step", 0)) + 1
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts loaded state to the parameter's dtype; bf16 state is put back in bf16 (exactly)."""
+        super().load_state_dict(state_dict)
+        for i, group in enumerate(self.param_groups):
+            group["state_dtype"] = check_state_dtype(group.get("state_dtype"), f"param_groups[{i}].state_dtype")
+            dt = state_torch_dtype(group["state_dtype"])
+            if dt is None:
+                continue
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                for name, value in list(st.items()):
+                    if (name != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()
+                            and self.is_lowp(name) and value.dtype != dt):
+                        st[name] = value.to(dt)
 
     def _kernel_scalars(self, group: dict[str, Any], bucket: Bucket) -> tuple | None:
         """The kernel's scalar arguments for this bucket; ``None``: take the eager path for it."""
@@ -135,7 +281,7 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
     # -- to implement --------------------------------------------------------------------------------------
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros_like(p, memory_format=torch.preserve_format) for name in self.state_names}
+        return {name: self._state_zeros(p, group, name) for name in self.state_names}
 
     def _update(self, group: dict[str, Any], bucket: Bucket) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -143,11 +289,17 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
     # -- machinery -----------------------------------------------------------------------------------------
 
     def _run_kernel(self, bucket: Bucket, kernel: Callable[..., None] | None, scalars: tuple | None,
-                    state_names: tuple[str, ...] | None = None, results: list | None = None) -> Bucket:
+                    state_names: tuple[str, ...] | None = None, results: list | None = None,
+                    seeds: list[int] | None = None) -> Bucket:
         """Update the large tensors of ``bucket`` with the compiled ``kernel``; return the rest (to be updated
-        eagerly). Without ``compiled=True``, a kernel or scalars, the whole bucket is returned. A kernel that
-        returns something (Prodigy's sums) has its return values appended to ``results``."""
-        if not (self.compiled and kernel is not None and scalars is not None):
+        eagerly). Without the compiled path (see :meth:`use_compiled`), a kernel or scalars, the whole bucket is
+        returned. A kernel that returns something (Prodigy's sums) has its return values appended to
+        ``results``. ``seeds`` (one per tensor) turn on stochastic rounding of bf16 state writes.
+
+        Under ``compiled="auto"`` a compile that fails runs this tensor through the same kernel uncompiled,
+        warns once, and sends the rest of the bucket (and later steps) to the eager path."""
+        if not (kernel is not None and scalars is not None and bucket.params
+                and self.use_compiled(bucket.params[0].device)):
             return bucket
         big = [i for i, p in enumerate(bucket.params) if p.numel() >= COMPILED_MIN_NUMEL]
         if not big:
@@ -155,17 +307,68 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
         fn = compiled_kernel(kernel)
         names = self.state_names if state_names is None else state_names
         sc = scalar_tensors(scalars, bucket.params[big[0]])
-        for i in big:
-            out = fn(*flat_args(bucket.params[i], bucket.grads[i], *[bucket.state[n][i] for n in names]), *sc)
+        sd = seed_tensor([seeds[i] for i in big], bucket.params[big[0]].device) if seeds is not None else None
+        taken: set[int] = set()
+        for j, i in enumerate(big):
+            args = flat_args(bucket.params[i], bucket.grads[i], *[bucket.state[n][i] for n in names])
+            seed = (sd[j],) if sd is not None else ()  # kernels without low-precision support take no seed
+            if kernel not in _CALLED:
+                _announce(kernel)
+            try:
+                out = fn(*args, *sc, *seed)
+            except Exception as err:
+                if self.compiled != "auto":
+                    raise
+                _disable_after_failure(args[0].device.type, err)
+                out = kernel(*args, *sc, *seed)  # the same formula, uncompiled; nothing was written by the failure
+                taken.add(i)
+                if results is not None:
+                    results.append(out)
+                break
+            _CALLED.add(kernel)
+            taken.add(i)
             if results is not None:
                 results.append(out)
-        taken = set(big)
         return bucket.subset([i for i in range(len(bucket.params)) if i not in taken])
 
     def _step_bucket(self, group: dict[str, Any], bucket: Bucket) -> None:
-        rest = self._run_kernel(bucket, type(self).kernel, self._kernel_scalars(group, bucket) if self.compiled else None)
+        compiled = bucket.params and self.use_compiled(bucket.params[0].device)
+        seeds = self._sr_seeds(group, bucket)
+        rest = self._run_kernel(bucket, type(self).kernel, self._kernel_scalars(group, bucket) if compiled else None,
+                                seeds=seeds)
         if rest.params:
-            self._update(group, rest)
+            self._update_eager(group, rest, self._update)
+
+    def _update_eager(self, group: dict[str, Any], bucket: Bucket, update: Callable[[dict[str, Any], Bucket], Any],
+                      names: Iterable[str] | None = None) -> list:
+        """``update(group, bucket)`` on the eager path. Low-precision state (and bf16/fp16 parameters of a group
+        with ``state_dtype`` set) is given to ``update`` as float32 copies, a chunk of tensors at a time, and
+        written back afterwards (state with stochastic rounding); returns ``update``'s results per chunk."""
+        if group.get("state_dtype") is None:
+            return [update(group, bucket)]
+        seeds = self._sr_seeds(group, bucket) or []
+        names = list(bucket.state if names is None else names)
+        out = []
+        for chunk in _chunks(bucket, LOWP_CHUNK_NUMEL):
+            sub = bucket.subset(chunk)
+            lowp = {n: sub.state[n] for n in names
+                    if sub.state[n] and sub.state[n][0].dtype in (torch.bfloat16, torch.float16)}
+            for n, ts in lowp.items():
+                sub.state[n] = [t.float() for t in ts]
+            params = sub.params
+            if params[0].dtype in (torch.bfloat16, torch.float16):
+                sub.params = [t.float() for t in params]
+                sub.grads = [t.float() for t in sub.grads]
+            out.append(update(group, sub))
+            for n, ts in lowp.items():
+                if not self.is_lowp(n):  # a state kept like a bf16 parameter (Prodigy's p0): round to nearest
+                    torch._foreach_copy_(ts, sub.state[n])
+                    continue
+                for k, (dst, src) in enumerate(zip(ts, sub.state[n])):
+                    sr_copy_(dst, src, mix_seed(seeds[chunk[k]], _slot(n)))
+            if sub.params is not params:
+                torch._foreach_copy_(params, sub.params)
+        return out
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         buckets: dict[tuple, Bucket] = {}
@@ -204,10 +407,34 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for bucket in self._buckets(group):
+            buckets = self._buckets(group)
+            for bucket in buckets:
                 self._step_bucket(group, bucket)
                 self._advance_steps(bucket)
+            if buckets:
+                self._advance_sr(group)
         return loss
+
+
+_CALLED: set[Callable] = set()
+
+
+def _slot(name: str) -> int:
+    """A stable small integer per state name (seeds differ per state tensor of one parameter)."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(name))
+
+
+def _chunks(bucket: Bucket, max_numel: int) -> list[list[int]]:
+    """Index lists covering ``bucket`` in order, each of at most ``max_numel`` elements (or one tensor)."""
+    chunks: list[list[int]] = [[]]
+    size = 0
+    for i, p in enumerate(bucket.params):
+        if chunks[-1] and size + p.numel() > max_numel:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += p.numel()
+    return chunks
 
 
 def check_betas(betas: Iterable[float], n: int, name: str = "betas") -> tuple[float, ...]:

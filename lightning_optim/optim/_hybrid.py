@@ -20,6 +20,12 @@ as one ``E × m·n`` matrix, not E matrices — split them into separate paramet
 (``GroupingRules.other_patterns``) if that is not what you want. Parameters the matrix rule cannot handle
 (fewer than two dimensions in a matrix group, complex, empty, DTensors on 2-D meshes or with placements other
 than ``Shard(0)``/``Replicate``) raise ``ValueError`` naming the parameter when the optimizer is built.
+
+``state_dtype="bfloat16"`` (Muon, D-Muon, NorMuon) keeps the matrices' ``momentum_buffer`` in bfloat16: the
+EMA is computed in float32 and written back with stochastic rounding (``lightning_optim.optim._low_precision``;
+the seed mixes the group's ``sr_step`` count, saved in the state dict, so resumed runs round identically).
+NorMuon's per-row second moment stays float32 (rows × 1, negligible), and so does the internal AdamW's state
+(torch's fused kernel keeps state in the parameter's dtype).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as _adamw_functional
 
+from lightning_optim.optim._low_precision import check_state_dtype, mix_seed, sr_copy_, state_torch_dtype, up
 from lightning_optim.optim._matrix_dist import DTensor, MatrixMeta, local, matrix_meta, orthogonalize
 from lightning_optim.optim.newton_schulz import newton_schulz, resolve_coefficients
 
@@ -88,6 +95,8 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         self._distributed = distributed
         self._metas: dict[int, MatrixMeta] = {}
         resolve_coefficients(defaults.get("ns_coefficients", "jordan"), defaults.get("ns_steps", 5))
+        if "state_dtype" in defaults:
+            defaults = {**defaults, "state_dtype": check_state_dtype(defaults["state_dtype"])}
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of tensors or parameter groups, not a single tensor")
         params = list(params)
@@ -125,6 +134,8 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
                 self.add_param_group(g)
             return
         group["matrix"] = bool(group["matrix"])
+        if "state_dtype" in group:
+            group["state_dtype"] = check_state_dtype(group["state_dtype"], f"param group {group.get('name', '')!r} state_dtype")
         if not group["matrix"]:
             for key, value in self._adamw_defaults.items():
                 if key not in group:
@@ -166,6 +177,9 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         matrix_groups = [g for g in self.param_groups if g["matrix"]]
         if matrix_groups:
             self._step_matrices(matrix_groups)
+            for g in matrix_groups:
+                if g.get("state_dtype") is not None and any(p.grad is not None for p in g["params"]):
+                    g["sr_step"] = int(g.get("sr_step", 0)) + 1
         for g in self.param_groups:
             if not g["matrix"]:
                 self._step_other(g)
@@ -175,17 +189,42 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         pass
 
     def _init_matrix_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
-        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        dt = state_torch_dtype(group.get("state_dtype"))
+        state["momentum_buffer"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
 
     def _ns_inputs(self, group: dict[str, Any], ps: list[Tensor]) -> list[Tensor]:
-        """Update the momentum and return the matrices to orthogonalise (local tensors)."""
+        """Update the momentum and return the matrices to orthogonalise (local tensors). A bf16 buffer
+        (``state_dtype="bfloat16"``) is updated in float32 and stored with stochastic rounding."""
         grads = [local(p.grad) for p in ps]
         bufs = [local(self.state[p]["momentum_buffer"]) for p in ps]
         mu = group["momentum"]
+        lowp = group.get("state_dtype") is not None and bool(bufs) and bufs[0].dtype == torch.bfloat16
+        stored = bufs
+        if lowp:
+            grads = [up(g) for g in grads]
+            bufs = [b.float() for b in bufs]
         torch._foreach_lerp_(bufs, grads, 1 - mu)
+        if lowp:
+            gi = next((i for i, g in enumerate(self.param_groups) if g is group), 0)
+            step = int(group.get("sr_step", 0))
+            for j, (dst, src) in enumerate(zip(stored, bufs)):
+                sr_copy_(dst, src, mix_seed(step, gi, j))
         if group.get("nesterov", False):
             return torch._foreach_lerp(grads, bufs, mu)
         return bufs
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts loaded state to the parameter's dtype; a bf16 momentum buffer is put back in bf16."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            dt = state_torch_dtype(check_state_dtype(group.get("state_dtype")))
+            if dt is None or not group["matrix"]:
+                continue
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                buf = st.get("momentum_buffer")
+                if isinstance(buf, Tensor) and buf.dtype != dt:
+                    st["momentum_buffer"] = buf.to(dt)
 
     def _step_matrices(self, groups: list[dict[str, Any]]) -> None:
         per_group = []

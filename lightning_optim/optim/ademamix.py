@@ -16,6 +16,10 @@ optimizer does not know the run's length). The benchmark's best setting uses war
 number of steps: :class:`~lightning_optim.OptimizerMixin` fills both with the schedule's horizon when they
 are left ``None`` (``horizon_hyperparameters`` in the spec); with :func:`create_optimizer` pass
 ``alpha_warmup=T, beta3_warmup=T`` yourself.
+
+``state_dtype="bfloat16"`` keeps all three state tensors in bfloat16, updated in float32 and written back with stochastic
+rounding (``lightning_optim.optim._low_precision``); ``compiled="auto"`` (default) runs the update of each large
+tensor as one compiled loop where a compiler is present (``False``: the eager foreach path).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
+from lightning_optim.optim._low_precision import lowp_state, store, up
 from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["AdEMAMix", "alpha_schedule", "beta3_schedule"]
@@ -53,17 +58,18 @@ def beta3_schedule(step: int, beta_start: float, beta_end: float, warmup: int | 
 def ademamix_kernel(p: torch.Tensor, g: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, v: torch.Tensor,
                     w1: torch.Tensor, w3: torch.Tensor, beta2: torch.Tensor, w2: torch.Tensor,
                     inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, inv_bc1: torch.Tensor,
-                    decay: torch.Tensor, neg_lr: torch.Tensor) -> None:
-    """One tensor, for ``compiled=True``: ``w1 = 1 - β1``, ``w3 = 1 - β3(t)``, ``w2 = 1 - β2``,
-    ``decay = 1 - lr·wd``; ``alpha`` is α(t)."""
-    m1_new = m1 + w1 * (g - m1)
-    m2_new = m2 + w3 * (g - m2)
-    v_new = v * beta2 + w2 * g * g
+                    decay: torch.Tensor, neg_lr: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+    """One tensor, for the compiled path: ``w1 = 1 - β1``, ``w3 = 1 - β3(t)``, ``w2 = 1 - β2``,
+    ``decay = 1 - lr·wd``; ``alpha`` is α(t); ``seed``: stochastic rounding of bf16 state."""
+    g, a1, a2, av = up(g), up(m1), up(m2), up(v)
+    m1_new = a1 + w1 * (g - a1)
+    m2_new = a2 + w3 * (g - a2)
+    v_new = av * beta2 + w2 * g * g
     denom = torch.sqrt(v_new) * inv_sqrt_bc2 + eps
-    p.copy_(p * decay + neg_lr * (m2_new * alpha + m1_new * inv_bc1) / denom)
-    m1.copy_(m1_new)
-    m2.copy_(m2_new)
-    v.copy_(v_new)
+    p.copy_(up(p) * decay + neg_lr * (m2_new * alpha + m1_new * inv_bc1) / denom)
+    store(m1, m1_new, seed, 0)
+    store(m2, m2_new, seed, 1)
+    store(v, v_new, seed, 2)
 
 
 class AdEMAMix(ElementwiseOptimizer):
@@ -74,7 +80,8 @@ class AdEMAMix(ElementwiseOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: float = 0.999, alpha: float = 8.0, eps: float = 1e-8, weight_decay: float = 0.1,
-                 alpha_warmup: int | None = None, beta3_warmup: int | None = None, compiled: bool = False) -> None:
+                 alpha_warmup: int | None = None, beta3_warmup: int | None = None, compiled: bool | str = "auto",
+                 state_dtype: str | None = None) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, alpha=alpha, alpha_warmup=alpha_warmup,
                      beta3_warmup=beta3_warmup)
         check_betas((beta3,), 1, "beta3")
@@ -82,7 +89,7 @@ class AdEMAMix(ElementwiseOptimizer):
             raise ValueError(f"eps must be > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), beta3=beta3, alpha=alpha, eps=eps,
                                       weight_decay=weight_decay, alpha_warmup=alpha_warmup,
-                                      beta3_warmup=beta3_warmup), compiled)
+                                      beta3_warmup=beta3_warmup), compiled, state_dtype)
 
     def _kernel_scalars(self, group: dict[str, Any], b: Bucket) -> tuple:
         lr, wd = group["lr"], group["weight_decay"]
@@ -118,12 +125,14 @@ class AdEMAMix(ElementwiseOptimizer):
 @register_optimizer(
     "ademamix",
     defaults={"lr": 1e-3, "betas": (0.9, 0.999), "beta3": 0.999, "alpha": 8.0, "eps": 1e-8,
-              "weight_decay": 0.1, "alpha_warmup": None, "beta3_warmup": None, "compiled": False},
+              "weight_decay": 0.1, "alpha_warmup": None, "beta3_warmup": None, "compiled": "auto",
+              "state_dtype": None},
     state=StateLayout(3, names=("exp_avg", "exp_avg_slow", "exp_avg_sq")),
     paper="Pagliardini, Ablin & Grangier 2024, The AdEMAMix Optimizer (arXiv 2409.03137)",
     reference="apple/ml-ademamix pytorch/ademamix.py",
     description="AdamW plus a slow EMA of the gradient (β3) mixed in with weight α",
     horizon_hyperparameters=("alpha_warmup", "beta3_warmup"),
 )
+@lowp_state(("exp_avg", "exp_avg_slow", "exp_avg_sq"))
 def ademamix(params: list[dict[str, Any]], **hp: Any) -> AdEMAMix:
     return AdEMAMix(params, **hp)

@@ -16,6 +16,10 @@ cannot be pickled with ``weights_only=True`` nor saved by ``torch.distributed.ch
 number ``clip_exponent`` (``None`` disables clamping). pytorch-optimizer's ADOPT differs from the official
 algorithm (it decays the weights on the initialising step and clamps one step later), so the tests compare
 against a transcription of the official algorithm, not against it.
+
+``state_dtype="bfloat16"`` keeps ``exp_avg`` and ``exp_avg_sq`` in bfloat16, updated in float32 and written back with stochastic
+rounding (``lightning_optim.optim._low_precision``); ``compiled="auto"`` (default) runs the update of each large
+tensor as one compiled loop where a compiler is present (``False``: the eager foreach path).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
+from lightning_optim.optim._low_precision import lowp_state, store, up
 from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["ADOPT"]
@@ -33,15 +38,17 @@ __all__ = ["ADOPT"]
 
 def adopt_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, l2: torch.Tensor,
                  decay: torch.Tensor, neg_lr: torch.Tensor, eps: torch.Tensor, clip: torch.Tensor,
-                 w1: torch.Tensor, beta2: torch.Tensor, w2: torch.Tensor) -> None:
-    """One tensor after the first step, for ``compiled=True``: ``l2 = wd`` (coupled) or 0, ``decay = 1 - lr·wd``
-    (decoupled) or 1, ``clip = t^clip_exponent`` (inf: none), ``w1 = 1 - β1``, ``w2 = 1 - β2``."""
-    g = g + l2 * p
-    n = torch.clamp(g / torch.clamp_min(torch.sqrt(v), eps), -clip, clip)
-    m_new = m + w1 * (n - m)
-    p.copy_(p * decay + neg_lr * m_new)
-    m.copy_(m_new)
-    v.copy_(v * beta2 + w2 * g * g)
+                 w1: torch.Tensor, beta2: torch.Tensor, w2: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+    """One tensor after the first step, for the compiled path: ``l2 = wd`` (coupled) or 0, ``decay = 1 - lr·wd``
+    (decoupled) or 1, ``clip = t^clip_exponent`` (inf: none), ``w1 = 1 - β1``, ``w2 = 1 - β2``; ``seed``:
+    stochastic rounding of bf16 ``m``/``v``."""
+    x, m32, v32 = up(p), up(m), up(v)
+    g = up(g) + l2 * x
+    n = torch.clamp(g / torch.clamp_min(torch.sqrt(v32), eps), -clip, clip)
+    m_new = m32 + w1 * (n - m32)
+    p.copy_(x * decay + neg_lr * m_new)
+    store(m, m_new, seed, 0)
+    store(v, v32 * beta2 + w2 * g * g, seed, 1)
 
 
 class ADOPT(ElementwiseOptimizer):
@@ -52,12 +59,12 @@ class ADOPT(ElementwiseOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.1, clip_exponent: float | None = 0.25,
-                 decouple: bool = True, compiled: bool = False) -> None:
+                 decouple: bool = True, compiled: bool | str = "auto", state_dtype: str | None = None) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, clip_exponent=clip_exponent)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), eps=eps, weight_decay=weight_decay,
-                                      clip_exponent=clip_exponent, decouple=bool(decouple)), compiled)
+                                      clip_exponent=clip_exponent, decouple=bool(decouple)), compiled, state_dtype)
 
     def _kernel_scalars(self, group: dict[str, Any], b: Bucket) -> tuple | None:
         if b.step == 0:
@@ -100,11 +107,12 @@ class ADOPT(ElementwiseOptimizer):
 @register_optimizer(
     "adopt",
     defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.1, "clip_exponent": 0.25,
-              "decouple": True, "compiled": False},
+              "decouple": True, "compiled": "auto", "state_dtype": None},
     state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
     paper="Taniguchi et al. 2024, ADOPT: Modified Adam Can Converge with Any β2 (arXiv 2411.02853)",
     reference="iShohei220/adopt adopt.py (clamp schedule stored as a number here, not a lambda)",
     description="Adam variant: normalise by the previous second moment, then momentum; clamped",
 )
+@lowp_state(("exp_avg", "exp_avg_sq"))
 def adopt(params: list[dict[str, Any]], **hp: Any) -> ADOPT:
     return ADOPT(params, **hp)

@@ -5,6 +5,10 @@
 State 1×P (``exp_avg``). Defaults are the best 124M settings of Semenov et al. 2025: lr 1e-3 (5e-4 at
 210M, 2e-4 at 720M), betas (0.9, 0.99), weight decay 0.1. Reference: google/automl ``lion/lion_pytorch.py``
 and lucidrains' ``lion-pytorch`` (the tests compare against the latter).
+
+``state_dtype="bfloat16"`` keeps ``exp_avg`` in bfloat16, updated in float32 and written back with stochastic
+rounding (``lightning_optim.optim._low_precision``); ``compiled="auto"`` (default) runs the update of each large
+tensor as one compiled loop where a compiler is present (``False``: the eager foreach path).
 """
 
 from __future__ import annotations
@@ -14,17 +18,20 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
+from lightning_optim.optim._low_precision import lowp_state, store, up
 from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["Lion"]
 
 
 def lion_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, decay: torch.Tensor, neg_lr: torch.Tensor,
-                w1: torch.Tensor, w2: torch.Tensor) -> None:
-    """One tensor, for ``compiled=True``: ``decay = 1 - lr·wd``, ``w1 = 1 - β1``, ``w2 = 1 - β2``."""
-    u = torch.sign(m + w1 * (g - m))
-    p.copy_(p * decay + neg_lr * u)
-    m.copy_(m + w2 * (g - m))
+                w1: torch.Tensor, w2: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+    """One tensor, for the compiled path: ``decay = 1 - lr·wd``, ``w1 = 1 - β1``, ``w2 = 1 - β2``; ``seed``:
+    stochastic rounding of a bf16 ``m``."""
+    x, g, m32 = up(p), up(g), up(m)
+    u = torch.sign(m32 + w1 * (g - m32))
+    p.copy_(x * decay + neg_lr * u)
+    store(m, m32 + w2 * (g - m32), seed)
 
 
 class Lion(ElementwiseOptimizer):
@@ -36,9 +43,10 @@ class Lion(ElementwiseOptimizer):
     kernel = staticmethod(lion_kernel)
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.1, compiled: bool = False) -> None:
+                 weight_decay: float = 0.1, compiled: bool | str = "auto", state_dtype: str | None = None) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay)
-        super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), weight_decay=weight_decay), compiled)
+        super().__init__(params, dict(lr=lr, betas=check_betas(betas, 2), weight_decay=weight_decay), compiled,
+                         state_dtype)
 
     def _kernel_scalars(self, group: dict[str, Any], b: Bucket) -> tuple:
         beta1, beta2 = group["betas"]
@@ -58,11 +66,12 @@ class Lion(ElementwiseOptimizer):
 
 @register_optimizer(
     "lion",
-    defaults={"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "compiled": False},
+    defaults={"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "compiled": "auto", "state_dtype": None},
     state=StateLayout(1, names=("exp_avg",)),
     paper="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms (arXiv 2302.06675)",
     reference="google/automl lion/lion_pytorch.py; lucidrains/lion-pytorch",
     description="sign of interpolated momentum; 1 state tensor",
 )
+@lowp_state(("exp_avg",))
 def lion(params: list[dict[str, Any]], **hp: Any) -> Lion:
     return Lion(params, **hp)

@@ -26,6 +26,11 @@ buffer) ``g - g_prev`` is always 0 and MARS silently becomes AdamW. Here ``last_
 Speed: the per-tensor norms come from one ``torch._foreach_norm`` and the ``> 1`` test is a device-side
 ``clamp_min(1)`` — no host sync. Under FSDP2 the norm of a sharded matrix is reduced across its shards
 (one all-reduce of the stacked squared norms per bucket).
+
+``state_dtype="bfloat16"`` keeps every state tensor (``last_grad`` too: ``g - g_prev`` enters scaled by
+γ·β1/(1-β1) ≈ 0.5, so its bf16 rounding is gradient-sized noise of 2^-9 relative) in bfloat16, updated in
+float32 and written back with stochastic rounding; ``compiled="auto"`` (default) compiles where a compiler is
+present (``False``: the eager foreach path).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from lightning_optim.optim._foreach_utils import (
     is_dtensor,
     local,
 )
+from lightning_optim.optim._low_precision import lowp_state, store, up
 from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["MARS"]
@@ -50,31 +56,33 @@ __all__ = ["MARS"]
 
 def _adamw_tail(p: torch.Tensor, c: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w1: torch.Tensor,
                 beta2: torch.Tensor, w2: torch.Tensor, inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor,
-                decay: torch.Tensor, neg_lr_bc1: torch.Tensor) -> None:
-    m_new = m + w1 * (c - m)
-    v_new = v * beta2 + w2 * c * c
-    p.copy_(p * decay + neg_lr_bc1 * m_new / (torch.sqrt(v_new) * inv_sqrt_bc2 + eps))
-    m.copy_(m_new)
-    v.copy_(v_new)
+                decay: torch.Tensor, neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None) -> None:
+    m32, v32 = up(m), up(v)
+    m_new = m32 + w1 * (c - m32)
+    v_new = v32 * beta2 + w2 * c * c
+    p.copy_(up(p) * decay + neg_lr_bc1 * m_new / (torch.sqrt(v_new) * inv_sqrt_bc2 + eps))
+    store(m, m_new, seed, 0)
+    store(v, v_new, seed, 1)
 
 
 def mars_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
                 vr: torch.Tensor, w1: torch.Tensor, beta2: torch.Tensor, w2: torch.Tensor,
                 inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor, decay: torch.Tensor,
-                neg_lr_bc1: torch.Tensor) -> None:
-    """One matrix, for ``compiled=True``: ``vr = γ·β1/(1-β1)``, ``w1 = 1 - β1``, ``w2 = 1 - β2``,
-    ``decay = 1 - lr·wd``, ``neg_lr_bc1 = -lr/bc1``."""
-    c = g + vr * (g - last)
+                neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+    """One matrix, for the compiled path: ``vr = γ·β1/(1-β1)``, ``w1 = 1 - β1``, ``w2 = 1 - β2``,
+    ``decay = 1 - lr·wd``, ``neg_lr_bc1 = -lr/bc1``; ``seed``: stochastic rounding of bf16 state."""
+    g = up(g)
+    c = g + vr * (g - up(last))
     c = c / torch.clamp_min(torch.linalg.vector_norm(c), 1.0)
-    last.copy_(g)
-    _adamw_tail(p, c, m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1)
+    store(last, g, seed, 2)
+    _adamw_tail(p, c, m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1, seed)
 
 
 def adamw_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w1: torch.Tensor,
                  beta2: torch.Tensor, w2: torch.Tensor, inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor,
-                 decay: torch.Tensor, neg_lr_bc1: torch.Tensor) -> None:
-    """The AdamW step of MARS's non-matrix parameters on one tensor, for ``compiled=True``."""
-    _adamw_tail(p, g, m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1)
+                 decay: torch.Tensor, neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+    """The AdamW step of MARS's non-matrix parameters on one tensor, for the compiled path."""
+    _adamw_tail(p, up(g), m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1, seed)
 
 
 class MARS(ElementwiseOptimizer):
@@ -84,7 +92,8 @@ class MARS(ElementwiseOptimizer):
 
     def __init__(self, params: Any, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99),
                  gamma: float = 0.025, eps: float = 1e-8, weight_decay: float = 0.1, adamw_lr: float = 1e-3,
-                 adamw_betas: tuple[float, float] = (0.9, 0.999), compiled: bool = False) -> None:
+                 adamw_betas: tuple[float, float] = (0.9, 0.999), compiled: bool | str = "auto",
+                 state_dtype: str | None = None) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, gamma=gamma, adamw_lr=adamw_lr)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -109,11 +118,12 @@ class MARS(ElementwiseOptimizer):
                 g.setdefault("lr", adamw_lr)
                 g.setdefault("betas", adamw_betas)
         super().__init__(split, dict(lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay,
-                                     adamw_lr=adamw_lr, adamw_betas=adamw_betas, matrix=True), compiled)
+                                     adamw_lr=adamw_lr, adamw_betas=adamw_betas, matrix=True), compiled,
+                         state_dtype)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         names = self.state_names + (("last_grad",) if group["matrix"] else ())
-        return {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n in names}
+        return {n: self._state_zeros(p, group, n) for n in names}
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         buckets = super()._buckets(group)
@@ -123,7 +133,8 @@ class MARS(ElementwiseOptimizer):
         return buckets
 
     def _step_bucket(self, group: dict[str, Any], b: Bucket) -> None:
-        if self.compiled and not any(is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
+        seeds = self._sr_seeds(group, b)
+        if self.use_compiled(b.params[0].device) and not any(is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
                                      for p in b.param_objs):  # a sharded matrix's norm needs an all-reduce
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
@@ -132,11 +143,11 @@ class MARS(ElementwiseOptimizer):
                     -lr / (1.0 - beta1**t))
             if group["matrix"]:
                 b = self._run_kernel(b, mars_kernel, (group["gamma"] * beta1 / (1.0 - beta1), *tail),
-                                     ("exp_avg", "exp_avg_sq", "last_grad"))
+                                     ("exp_avg", "exp_avg_sq", "last_grad"), seeds=seeds)
             else:
-                b = self._run_kernel(b, adamw_kernel, tail)
+                b = self._run_kernel(b, adamw_kernel, tail, seeds=seeds)
         if b.params:
-            self._update(group, b)
+            self._update_eager(group, b, self._update)
 
     def _update(self, group: dict[str, Any], b: Bucket) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -185,7 +196,7 @@ class MARS(ElementwiseOptimizer):
 @register_optimizer(
     "mars",
     defaults={"lr": 3e-3, "betas": (0.95, 0.99), "gamma": 0.025, "eps": 1e-8, "weight_decay": 0.1,
-              "adamw_lr": 1e-3, "adamw_betas": (0.9, 0.999), "compiled": False},
+              "adamw_lr": 1e-3, "adamw_betas": (0.9, 0.999), "compiled": "auto", "state_dtype": None},
     state=StateLayout(3, names=("exp_avg", "exp_avg_sq", "last_grad")),
     other_state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
     hybrid=True,
@@ -194,5 +205,6 @@ class MARS(ElementwiseOptimizer):
     reference="AGI-Arena/MARS mars.py (last_grad kept as a copy here, not a reference to p.grad)",
     description="variance-reduced AdamW on matrices, AdamW on the rest",
 )
+@lowp_state(("exp_avg", "exp_avg_sq", "last_grad"), ("exp_avg", "exp_avg_sq"))
 def mars(params: list[dict[str, Any]], **hp: Any) -> MARS:
     return MARS(params, **hp)

@@ -20,6 +20,9 @@ parameters, i.e. an untied output head); D-Muon — lr 1e-3 and weight decay 0.1
 Both: momentum 0.95, Nesterov, 5 Newton–Schulz steps with Keller Jordan's coefficients
 (``ns_coefficients="polar_express"`` for Amsel et al.'s per-iteration table).
 
+``state_dtype="bfloat16"`` stores the matrices' momentum in bfloat16 with stochastic rounding (the EMA is
+computed in float32); the internal AdamW keeps its state in the parameter's dtype.
+
 Usage::
 
     opt = create_optimizer("muon", model)                       # routing by the default grouping rules
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor
 
 from lightning_optim.optim._hybrid import ADAMW_ROUTING, HybridMatrixOptimizer
+from lightning_optim.optim._low_precision import lowp_state
 from lightning_optim.optim._matrix_dist import MatrixMeta, local
 from lightning_optim.registry import StateLayout, register_optimizer
 
@@ -69,19 +73,22 @@ class Muon(HybridMatrixOptimizer):
         eps: Newton–Schulz normalisation epsilon (1e-7).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part (``None``: the matrix value).
         distributed: ``None`` auto, ``False`` disables sharing Newton–Schulz work between DDP replicas.
+        state_dtype: ``None`` (the parameter's dtype) or ``"bfloat16"`` for the momentum buffer.
     """
 
     def __init__(self, params: Any, lr: float = 0.01, weight_decay: float = 0.0, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, ns_coefficients: Any = "jordan",
                  adjust_lr: str | None = "original", eps: float = 1e-7, adamw_lr: float | None = 1e-3,
                  adamw_betas: tuple[float, float] = (0.8, 0.999), adamw_eps: float = 1e-8,
-                 adamw_weight_decay: float | None = 0.1, distributed: bool | None = None) -> None:
+                 adamw_weight_decay: float | None = 0.1, distributed: bool | None = None,
+                 state_dtype: str | None = None) -> None:
         if adjust_lr is not None and adjust_lr not in _ADJUST:
             raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {adjust_lr!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        ns_coefficients=ns_coefficients, adjust_lr=adjust_lr or "original", ns_eps=eps, eps=eps)
+                        ns_coefficients=ns_coefficients, adjust_lr=adjust_lr or "original", ns_eps=eps, eps=eps,
+                        state_dtype=state_dtype)
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, distributed=distributed)
 
@@ -110,11 +117,13 @@ _COMMON = dict(
     "muon",
     defaults={"lr": 0.01, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
               "ns_coefficients": "jordan", "adjust_lr": "original", "eps": 1e-7, "adamw_lr": 1e-3,
-              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": 0.1, "distributed": None},
+              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": 0.1, "distributed": None,
+              "state_dtype": None},
     paper="Jordan et al. 2024, Muon: An optimizer for hidden layers in neural networks",
     description="momentum orthogonalised by Newton–Schulz for hidden matrices; AdamW (own lr/betas) for the rest",
     **_COMMON,
 )
+@lowp_state(("momentum_buffer",))
 def muon(params: Any, **hp: Any) -> Muon:
     return Muon(params, **hp)
 
@@ -123,11 +132,13 @@ def muon(params: Any, **hp: Any) -> Muon:
     "d-muon",
     defaults={"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
               "ns_coefficients": "jordan", "adjust_lr": "match_rms_adamw", "eps": 1e-7, "adamw_lr": None,
-              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": None, "distributed": None},
+              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": None, "distributed": None,
+              "state_dtype": None},
     paper="Liu et al. 2025, Muon is Scalable for LLM Training (arXiv 2502.16982)",
     description="Muon with decoupled weight decay and the 0.2·sqrt(max(rows, cols)) scale: AdamW's lr/wd carry over",
     aliases=("dmuon", "moonlight-muon"),
     **_COMMON,
 )
+@lowp_state(("momentum_buffer",))
 def d_muon(params: Any, **hp: Any) -> Muon:
     return Muon(params, **hp)

@@ -17,6 +17,9 @@ two Frobenius norms are completed with one all-reduce per step for all sharded m
 Defaults: μ 0.95 (Nesterov), β2 0.95, eps 1e-10, 5 Newton–Schulz steps; lr 1e-3 and weight decay 0.1 for both
 parts, since the "paper" scale gives the update AdamW's RMS (as D-Muon does); AdamW part betas (0.8, 0.999).
 These lr/wd values are our choice, not a published 124M tuning.
+
+``state_dtype="bfloat16"`` stores the momentum buffer in bfloat16 with stochastic rounding; the row moment
+``v`` (rows × 1) and the internal AdamW's state stay in float32 / the parameter's dtype.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_optim.optim._hybrid import ADAMW_ROUTING, HybridMatrixOptimizer, state_like_rows
+from lightning_optim.optim._low_precision import lowp_state
 from lightning_optim.optim._matrix_dist import MatrixMeta, global_sq_norms, local
 from lightning_optim.registry import StateLayout, register_optimizer
 
@@ -74,11 +78,13 @@ class NorMuon(HybridMatrixOptimizer):
                  nesterov: bool = True, beta2: float = 0.95, eps: float = 1e-10, ns_steps: int = 5,
                  ns_coefficients: Any = "jordan", adjust_lr: str = "paper", adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.8, 0.999), adamw_eps: float = 1e-8,
-                 adamw_weight_decay: float | None = None, distributed: bool | None = None) -> None:
+                 adamw_weight_decay: float | None = None, distributed: bool | None = None,
+                 state_dtype: str | None = None) -> None:
         if adjust_lr not in _ADJUST:
             raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {adjust_lr!r}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, beta2=beta2,
-                        eps=eps, ns_steps=ns_steps, ns_coefficients=ns_coefficients, adjust_lr=adjust_lr)
+                        eps=eps, ns_steps=ns_steps, ns_coefficients=ns_coefficients, adjust_lr=adjust_lr,
+                        state_dtype=state_dtype)
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, distributed=distributed)
 
@@ -104,7 +110,8 @@ class NorMuon(HybridMatrixOptimizer):
     "normuon",
     defaults={"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "beta2": 0.95, "eps": 1e-10,
               "ns_steps": 5, "ns_coefficients": "jordan", "adjust_lr": "paper", "adamw_lr": None,
-              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": None, "distributed": None},
+              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": None, "distributed": None,
+              "state_dtype": None},
     family="matrix",
     hybrid=True,
     state=StateLayout(1, extra=_rows, names=("momentum_buffer",)),
@@ -114,5 +121,6 @@ class NorMuon(HybridMatrixOptimizer):
     reference="github.com/zichongli5/NorMuon",
     description="Muon + per-row second-moment normalisation of the orthogonalised update (RMS 0.2 by default)",
 )
+@lowp_state(("momentum_buffer",))
 def normuon(params: Any, **hp: Any) -> NorMuon:
     return NorMuon(params, **hp)

@@ -21,16 +21,25 @@ Differences from prodigyopt: groups may have different lr (each group's dlr uses
 requires all equal or 0; with equal lr the two agree); when every gradient is zero (Σ‖s‖₁ = 0) prodigyopt
 returns before updating the parameters, here ``d`` is kept and the step proceeds (the update is then the
 decayed momentum). ``slice_p`` is not offered (the full sums are cheap on the device).
+
+``state_dtype="bfloat16"`` keeps ``s``, ``exp_avg`` and ``exp_avg_sq`` in bfloat16 (updated in float32, written
+back with stochastic rounding); ``p0`` stays in the parameter's dtype: the numerator ``Σ<g, p0 - p>`` starts
+from ``p0 - p = 0``, and a bf16 ``p0`` would put a fixed rounding error of ~2^-9·|p| there, far larger than
+the first steps' movement (``d0`` = 1e-6), which the running max of ``d̂`` would turn into a spurious step size.
+So the state is 3×P in bf16 plus 1×P in the parameter dtype. ``compiled="auto"`` (default) compiles the two
+passes where a compiler is present.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 
 from lightning_optim.optim._foreach_utils import ElementwiseOptimizer, check_betas, check_nonneg, is_dtensor, local
+from lightning_optim.optim._low_precision import lowp_state, store, up
 from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["Prodigy"]
@@ -39,31 +48,34 @@ _SCALARS = ("d", "d_max", "d_numerator")
 
 
 def prodigy_sums_kernel(p: torch.Tensor, g: torch.Tensor, s: torch.Tensor, p0: torch.Tensor, beta3: torch.Tensor,
-                        s_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First pass over one tensor, for ``compiled=True``: ``s = β3·s + s_coef·g``; returns (<g, p0 - p>,
-    ‖s‖₁) in float64."""
-    dot = ((p0 - p) * g).sum(dtype=torch.float64)
-    s_new = s * beta3 + s_coef * g
-    s.copy_(s_new)
+                        s_coef: torch.Tensor, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """First pass over one tensor, for the compiled path: ``s = β3·s + s_coef·g``; returns (<g, p0 - p>,
+    ‖s‖₁) in float64; ``seed``: stochastic rounding of a bf16 ``s``."""
+    g = up(g)
+    dot = ((up(p0) - up(p)) * g).sum(dtype=torch.float64)
+    s_new = up(s) * beta3 + s_coef * g
+    store(s, s_new, seed, 2)
     return dot, s_new.abs().sum(dtype=torch.float64)
 
 
 def prodigy_update_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: torch.Tensor,
                           c_m: torch.Tensor, beta2: torch.Tensor, c_v: torch.Tensor, c_eps: torch.Tensor,
-                          decay: torch.Tensor, neg_dlr: torch.Tensor) -> None:
-    """Second pass over one tensor, for ``compiled=True``: ``c_m = d(1-β1)``, ``c_v = d²(1-β2)``,
-    ``c_eps = d_new·eps``, ``decay = 1 - wd·dlr`` (decoupled) or 1."""
-    m_new = m * beta1 + g * c_m
-    v_new = v * beta2 + g * c_v * g
-    p.copy_(p * decay + neg_dlr * m_new / (torch.sqrt(v_new) + c_eps))
-    m.copy_(m_new)
-    v.copy_(v_new)
+                          decay: torch.Tensor, neg_dlr: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+    """Second pass over one tensor, for the compiled path: ``c_m = d(1-β1)``, ``c_v = d²(1-β2)``,
+    ``c_eps = d_new·eps``, ``decay = 1 - wd·dlr`` (decoupled) or 1; ``seed``: stochastic rounding of bf16 m/v."""
+    g = up(g)
+    m_new = up(m) * beta1 + g * c_m
+    v_new = up(v) * beta2 + g * c_v * g
+    p.copy_(up(p) * decay + neg_dlr * m_new / (torch.sqrt(v_new) + c_eps))
+    store(m, m_new, seed, 0)
+    store(v, v_new, seed, 1)
 
 
 class Prodigy(ElementwiseOptimizer):
     """Prodigy with decoupled weight decay; device-side d estimate, one all-reduce per step under FSDP2."""
 
     state_names = ("s", "p0", "exp_avg", "exp_avg_sq")
+    lowp_names = ("s", "exp_avg", "exp_avg_sq")  # p0 stays in the parameter's dtype (module docstring)
     counts_steps = False
     #: None: Python-float coefficients on CPU, device tensors elsewhere; tests force either path
     _host_scalars: bool | None = None
@@ -72,7 +84,7 @@ class Prodigy(ElementwiseOptimizer):
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.1,
                  use_bias_correction: bool = True, safeguard_warmup: bool = False, d0: float = 1e-6,
                  d_coef: float = 1.0, growth_rate: float = math.inf, decouple: bool = True,
-                 compiled: bool = False) -> None:
+                 compiled: bool | str = "auto", state_dtype: str | None = None) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, d_coef=d_coef)
         if d0 <= 0 or growth_rate <= 0 or eps <= 0:
             raise ValueError(f"d0, growth_rate and eps must be > 0, got {d0}, {growth_rate}, {eps}")
@@ -82,7 +94,7 @@ class Prodigy(ElementwiseOptimizer):
             lr=lr, betas=check_betas(betas, 2), beta3=beta3, eps=eps, weight_decay=weight_decay,
             use_bias_correction=bool(use_bias_correction), safeguard_warmup=bool(safeguard_warmup), d0=d0,
             d_coef=d_coef, growth_rate=growth_rate, decouple=bool(decouple), k=0,
-        ), compiled)
+        ), compiled, state_dtype)
         for group in self.param_groups:
             dev = next((local(p).device for p in group["params"]), torch.device("cpu"))
             dtype = torch.float32 if dev.type == "mps" else torch.float64
@@ -138,22 +150,27 @@ class Prodigy(ElementwiseOptimizer):
                 if group["weight_decay"] != 0 and not group["decouple"]:
                     grads = b.grads = torch._foreach_add(grads, b.params, alpha=group["weight_decay"])
                 sums: list[tuple[torch.Tensor, torch.Tensor]] = []
-                b = self._run_kernel(b, prodigy_sums_kernel, (beta3, s_coef), ("s", "p0"), results=sums)
+                b = self._run_kernel(b, prodigy_sums_kernel, (beta3, s_coef), ("s", "p0"), results=sums,
+                                     seeds=self._sr_seeds(group, b))
                 for dot, l1 in sums:
                     dots.append(coef.to(torch.float64) * dot.to(dev))
                     l1s.append(l1.to(dev))
-                grads = b.grads
                 if not b.params:
                     continue
-                diff = torch._foreach_sub(b.state["p0"], b.params)
-                dots.append(coef.to(torch.float64) * _sum_of_dots(grads, diff, dev))
-                s = b.state["s"]
-                torch._foreach_mul_(s, beta3)
-                if host:
-                    torch._foreach_add_(s, grads, alpha=float(s_coef))
-                else:
-                    torch._foreach_add_(s, torch._foreach_mul(grads, s_coef.to(grads[0].dtype)))
-                l1s.append(torch.stack([n.to(torch.float64) for n in torch._foreach_norm(s, 1)]).sum().to(dev))
+
+                def eager_sums(group: dict[str, Any], b: Any, s_coef: Any = s_coef) -> None:
+                    grads = b.grads
+                    diff = torch._foreach_sub(b.state["p0"], b.params)
+                    dots.append(coef.to(torch.float64) * _sum_of_dots(grads, diff, dev))
+                    s = b.state["s"]
+                    torch._foreach_mul_(s, beta3)
+                    if host:
+                        torch._foreach_add_(s, grads, alpha=float(s_coef))
+                    else:
+                        torch._foreach_add_(s, torch._foreach_mul(grads, s_coef.to(grads[0].dtype)))
+                    l1s.append(torch.stack([n.to(torch.float64) for n in torch._foreach_norm(s, 1)]).sum().to(dev))
+
+                self._update_eager(group, b, eager_sums, names=("s", "p0"))
 
         zero = torch.zeros((), device=dev, dtype=d.dtype)
         sums = torch.stack([
@@ -182,44 +199,52 @@ class Prodigy(ElementwiseOptimizer):
             gb1, gb2 = group["betas"]
             if group["lr"] != 0:
                 for b in buckets:
-                    p_dtype = b.params[0].dtype
-                    if self.compiled:
+                    if b.params and self.use_compiled(b.params[0].device):
                         decay = 1 - wd * dlr if wd != 0 and group["decouple"] else torch.ones_like(dlr)
                         b = self._run_kernel(b, prodigy_update_kernel, (
                             gb1, d * (1 - gb1), gb2, d * d * (1 - gb2), d_new * eps, decay, -dlr),
-                            ("exp_avg", "exp_avg_sq"))
-                        if not b.params:
-                            continue
-                    m, v = b.state["exp_avg"], b.state["exp_avg_sq"]
-                    if host:
-                        df, dlr_f = float(d), float(dlr)
-                        torch._foreach_mul_(m, gb1)
-                        torch._foreach_add_(m, b.grads, alpha=df * (1 - gb1))
-                        torch._foreach_mul_(v, gb2)
-                        torch._foreach_addcmul_(v, b.grads, b.grads, value=df * df * (1 - gb2))
-                        denom_t = torch._foreach_sqrt(v)
-                        torch._foreach_add_(denom_t, float(d_new) * eps)
-                        if wd != 0 and group["decouple"]:
-                            torch._foreach_mul_(b.params, 1 - wd * dlr_f)
-                        torch._foreach_addcdiv_(b.params, m, denom_t, value=-dlr_f)
-                        continue
-                    torch._foreach_mul_(m, gb1)
-                    torch._foreach_add_(m, torch._foreach_mul(b.grads, (d * (1 - gb1)).to(p_dtype)))
-                    torch._foreach_mul_(v, gb2)
-                    torch._foreach_addcmul_(v, torch._foreach_mul(b.grads, (d * d * (1 - gb2)).to(p_dtype)), b.grads)
-                    denom_t = torch._foreach_sqrt(v)
-                    torch._foreach_add_(denom_t, (d_new * eps).to(p_dtype))
-                    if wd != 0 and group["decouple"]:
-                        torch._foreach_mul_(b.params, (1 - wd * dlr).to(p_dtype))
-                    torch._foreach_reciprocal_(denom_t)
-                    torch._foreach_mul_(denom_t, m)
-                    torch._foreach_mul_(denom_t, (-dlr).to(p_dtype))
-                    torch._foreach_add_(b.params, denom_t)
+                            ("exp_avg", "exp_avg_sq"), seeds=self._sr_seeds(group, b))
+                    if b.params:
+                        self._update_eager(group, b, partial(self._eager_update, host=host, d=d, dlr=dlr, d_new=d_new),
+                                           names=("exp_avg", "exp_avg_sq"))
             group["k"] = group["k"] + 1
+            self._advance_sr(group)
         for group in self.param_groups:
             group["d"], group["d_max"], group["d_numerator"] = d_new, d_max_new, numerator
         return loss
 
+    @staticmethod
+    def _eager_update(group: dict[str, Any], b: Any, host: bool, d: torch.Tensor, dlr: torch.Tensor,
+                      d_new: torch.Tensor) -> None:
+        """The second pass on the eager path: moments, then the parameter step."""
+        wd, eps = group["weight_decay"], group["eps"]
+        gb1, gb2 = group["betas"]
+        p_dtype = b.params[0].dtype
+        m, v = b.state["exp_avg"], b.state["exp_avg_sq"]
+        if host:
+            df, dlr_f = float(d), float(dlr)
+            torch._foreach_mul_(m, gb1)
+            torch._foreach_add_(m, b.grads, alpha=df * (1 - gb1))
+            torch._foreach_mul_(v, gb2)
+            torch._foreach_addcmul_(v, b.grads, b.grads, value=df * df * (1 - gb2))
+            denom_t = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom_t, float(d_new) * eps)
+            if wd != 0 and group["decouple"]:
+                torch._foreach_mul_(b.params, 1 - wd * dlr_f)
+            torch._foreach_addcdiv_(b.params, m, denom_t, value=-dlr_f)
+            return
+        torch._foreach_mul_(m, gb1)
+        torch._foreach_add_(m, torch._foreach_mul(b.grads, (d * (1 - gb1)).to(p_dtype)))
+        torch._foreach_mul_(v, gb2)
+        torch._foreach_addcmul_(v, torch._foreach_mul(b.grads, (d * d * (1 - gb2)).to(p_dtype)), b.grads)
+        denom_t = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom_t, (d_new * eps).to(p_dtype))
+        if wd != 0 and group["decouple"]:
+            torch._foreach_mul_(b.params, (1 - wd * dlr).to(p_dtype))
+        torch._foreach_reciprocal_(denom_t)
+        torch._foreach_mul_(denom_t, m)
+        torch._foreach_mul_(denom_t, (-dlr).to(p_dtype))
+        torch._foreach_add_(b.params, denom_t)
 
 def _sum_of_dots(grads: list[torch.Tensor], diff: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
     torch._foreach_mul_(diff, grads)
@@ -230,11 +255,12 @@ def _sum_of_dots(grads: list[torch.Tensor], diff: list[torch.Tensor], dev: torch
     "prodigy",
     defaults={"lr": 1.0, "betas": (0.9, 0.999), "beta3": None, "eps": 1e-8, "weight_decay": 0.1,
               "use_bias_correction": True, "safeguard_warmup": False, "d0": 1e-6, "d_coef": 1.0,
-              "growth_rate": math.inf, "decouple": True, "compiled": False},
+              "growth_rate": math.inf, "decouple": True, "compiled": "auto", "state_dtype": None},
     state=StateLayout(4, names=("s", "p0", "exp_avg", "exp_avg_sq")),
     paper="Mishchenko & Defazio 2023, Prodigy: An Expeditiously Adaptive Parameter-Free Learner (arXiv 2306.06101)",
     reference="konstmish/prodigy prodigyopt/prodigy.py",
     description="Adam with a learned step size d (lr ≈ 1); device-side estimate, one all-reduce per step",
 )
+@lowp_state(Prodigy.lowp_names)
 def prodigy(params: list[dict[str, Any]], **hp: Any) -> Prodigy:
     return Prodigy(params, **hp)

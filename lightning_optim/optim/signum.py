@@ -9,6 +9,10 @@ Nesterov on, weight decay 0.1.
 
 Known reference defect, done right here: the benchmark's code (epfml/llm-optimizer-benchmark) starts the
 momentum buffer as a copy of the *weights*; the paper's algorithm box starts it at zeros, as we do.
+
+``state_dtype="bfloat16"`` keeps ``momentum_buffer`` in bfloat16, updated in float32 and written back with stochastic
+rounding (``lightning_optim.optim._low_precision``); ``compiled="auto"`` (default) runs the update of each large
+tensor as one compiled loop where a compiler is present (``False``: the eager foreach path).
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_nonneg
+from lightning_optim.optim._low_precision import lowp_state, store, up
 from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["Signum"]
 
 
 def signum_kernel(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, decay: torch.Tensor, neg_lr: torch.Tensor,
-                  mu: torch.Tensor, nesterov: torch.Tensor) -> None:
-    """One tensor, for ``compiled=True``: ``decay = 1 - lr·wd``; ``nesterov`` is 1.0 or 0.0."""
-    b = buf * mu + g
+                  mu: torch.Tensor, nesterov: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+    """One tensor, for the compiled path: ``decay = 1 - lr·wd``; ``nesterov`` is 1.0 or 0.0; ``seed``:
+    stochastic rounding of a bf16 ``buf``."""
+    g = up(g)
+    b = up(buf) * mu + g
     d = torch.sign(torch.where(nesterov > 0, g + mu * b, b))  # nesterov: sign(g + μ·b); otherwise sign(b)
-    buf.copy_(b)
-    p.copy_(p * decay + neg_lr * d)
+    store(buf, b, seed)
+    p.copy_(up(p) * decay + neg_lr * d)
 
 
 class Signum(ElementwiseOptimizer):
@@ -40,12 +47,12 @@ class Signum(ElementwiseOptimizer):
     kernel = staticmethod(signum_kernel)
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.1, compiled: bool = False) -> None:
+                 weight_decay: float = 0.1, compiled: bool | str = "auto", state_dtype: str | None = None) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), weight_decay=weight_decay),
-                         compiled)
+                         compiled, state_dtype)
 
     def _kernel_scalars(self, group: dict[str, Any], b: Bucket) -> tuple:
         return (1.0 - group["lr"] * group["weight_decay"], -group["lr"], group["momentum"],
@@ -68,11 +75,13 @@ class Signum(ElementwiseOptimizer):
 
 @register_optimizer(
     "signum",
-    defaults={"lr": 1e-3, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1, "compiled": False},
+    defaults={"lr": 1e-3, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1, "compiled": "auto",
+              "state_dtype": None},
     state=StateLayout(1, names=("momentum_buffer",)),
     paper="Bernstein et al. 2018, signSGD: Compressed Optimisation for Non-Convex Problems (arXiv 1802.04434)",
     reference="epfml/llm-optimizer-benchmark (buffer initialised at zeros here, as in the paper)",
     description="sign of Nesterov momentum; 1 state tensor",
 )
+@lowp_state(("momentum_buffer",))
 def signum(params: list[dict[str, Any]], **hp: Any) -> Signum:
     return Signum(params, **hp)

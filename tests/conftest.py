@@ -1,0 +1,15 @@
+"""Suite-wide settings.
+
+``LIGHTNING_OPTIM_COMPILE=0``: the elementwise optimizers default to ``compiled="auto"``, which compiles a
+kernel (~10 s each on CPU) the first time a tensor of >= 65,536 elements is updated. Most tests build small
+models and never reach that size, but the ones that do would each pay for a compile; here ``"auto"`` means the
+eager path. Tests that check the default (compiled) path clear the variable themselves
+(``tests/conformance/test_default_path.py``, ``tests/test_optim_compiled.py``). A value already set in the
+environment is kept (``LIGHTNING_OPTIM_COMPILE=1 pytest ...`` runs the default path everywhere).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LIGHTNING_OPTIM_COMPILE", "0")
