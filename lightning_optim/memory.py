@@ -20,6 +20,13 @@ Quantised layouts (``bytes_per_element`` set) whose spec has a ``min_8bit_size``
 float32 state for parameters with fewer elements than that, as bitsandbytes does; with only ``n_params``
 every parameter is assumed large enough.
 
+``state_dtype`` for an optimizer of this package that has a ``state_dtype`` option (Lion, Signum, ADOPT,
+AdEMAMix, MARS, Prodigy, the Muon family) applies to the state tensors that option stores in low precision —
+the ones its factory lists in ``lowp_state`` — and the others keep the weight dtype, as the optimizer does:
+``prodigy`` with ``--state-dtype bf16`` is ``s``, ``exp_avg``, ``exp_avg_sq`` in bf16 and ``p0`` in the weight
+dtype (10 B/parameter with fp32 weights instead of 16); ``muon`` stores only the matrices' momentum in bf16.
+For other optimizers ``state_dtype`` is the dtype of all their state (torch's follow the parameter).
+
 What it counts is what an optimizer allocates per parameter: scalar step counters (0-dim tensors or Python
 numbers) are left out, and so are activations, temporary buffers of the step and allocator overhead.
 
@@ -103,6 +110,8 @@ class MemoryEstimate:
     sharding: str = "full"
     dtypes: dict[str, str] = field(default_factory=dict)
     unsharded_total: float | None = None
+    #: the dtype of each state row where they differ (``state_dtype`` applied to some state tensors only)
+    state_dtypes: dict[str, str] = field(default_factory=dict)
 
     @property
     def state_total(self) -> float:
@@ -133,7 +142,8 @@ class MemoryEstimate:
         rows = [("parameters", self.parameters), ("gradients", self.gradients)]
         if self.master:
             rows.append(("master weights", self.master))
-        rows += [(f"state: {k}", v) for k, v in self.state.items()]
+        rows += [(f"state: {k}" + (f" [{self.state_dtypes[k]}]" if k in self.state_dtypes else ""), v)
+                 for k, v in self.state.items()]
         rows.append(("total", self.total))
         width = max(len(r[0]) for r in rows)
         head = f"{self.optimizer}: {self.n_params:,} parameters"
@@ -334,6 +344,9 @@ def estimate_memory(
 
     # quantised state (bitsandbytes) applies only from ``min_8bit_size`` elements up; smaller tensors keep fp32
     min_quantized = int(spec.defaults.get("min_8bit_size", 0) or 0) if use_shapes else 0
+    # which state tensors the optimizer's own ``state_dtype`` option lowers (the rest keep the weight dtype)
+    lowp = getattr(spec.factory, "lowp_state", None) if state_dtype is not None and "state_dtype" in spec.defaults else None
+    state_dtypes: dict[str, str] = {}
     state: dict[str, float] = {}
     for shape, is_matrix, use_extra in per_shape:
         numel = math.prod(shape)
@@ -343,10 +356,16 @@ def estimate_memory(
             elem = 4  # bitsandbytes keeps float32 state for tensors smaller than min_8bit_size
         prefix = "" if spec.other_state is None else ("matrix " if is_matrix else "adamw ")
         for label, count in _state_names(spec, is_matrix):
-            state[prefix + label] = state.get(prefix + label, 0.0) + count * numel * elem
+            e = elem
+            if lowp is not None and layout.bytes_per_element is None:
+                low = label in lowp.get(is_matrix, ())
+                e = sb if low else wb
+                state_dtypes[prefix + label] = _dtype_name(state_dtype if low else weight_dtype)
+            state[prefix + label] = state.get(prefix + label, 0.0) + count * numel * e
         if use_extra and layout.extra is not None:
             key = prefix + "shape-dependent"
-            state[key] = state.get(key, 0.0) + layout.extra(shape) * elem
+            e = wb if lowp is not None else elem  # NorMuon's row moment, SOAP's factors: not lowered
+            state[key] = state.get(key, 0.0) + layout.extra(shape) * e
     split = SHARDING[sharding]
     div = {k: (shard if k in split else 1) for k in ("parameters", "gradients", "master", "state")}
     state = {k: v / div["state"] for k, v in state.items()}
@@ -362,6 +381,7 @@ def estimate_memory(
         gradients=total * gb / div["gradients"], master=total * mb / div["master"],
         state=state, shard=int(shard), exact=exact, sharding=sharding, dtypes=dtypes,
         unsharded_total=total * (wb + gb + mb) + sum(state.values()) * div["state"],
+        state_dtypes=state_dtypes if len(set(state_dtypes.values())) > 1 else {},
     )
 
 

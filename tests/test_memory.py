@@ -58,11 +58,11 @@ class ToyLM(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def _one_step(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _one_step(name: str, dtype: torch.dtype = torch.float32, **hp) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = ToyLM().to(dtype)
     try:
-        opt = lo.create_optimizer(name, model)
+        opt = lo.create_optimizer(name, model, **hp)
     except ImportError as err:
         pytest.skip(f"{name} needs an optional dependency: {err}")
     idx = torch.randint(0, VOCAB, (4, SEQ))
@@ -89,6 +89,22 @@ def test_estimate_matches_allocated_state(name: str) -> None:
         f"(spec: {get_optimizer_spec(name).state.describe()}"
         + (f"; others {get_optimizer_spec(name).other_state.describe()})" if get_optimizer_spec(name).other_state else ")")
     )
+
+
+@pytest.mark.parametrize("name", [n for n in lo.available_optimizers()
+                                  if "state_dtype" in get_optimizer_spec(n).defaults])
+def test_bf16_state_estimate_matches_allocated_state(name: str) -> None:
+    """``state_dtype="bfloat16"``: the estimate with ``state_dtype="bf16"`` counts what the optimizer allocates
+    (only the tensors its option lowers are 2 bytes: Prodigy's p0, the Muon family's AdamW part are not)."""
+    model, opt = _one_step(name, state_dtype="bfloat16")
+    measured = measure_state_bytes(opt)
+    fp32 = estimate_memory(name, module=model).state_total
+    estimate = estimate_memory(name, module=model, state_dtype="bf16")
+    assert estimate.state_total == pytest.approx(measured, rel=0.01, abs=64), (name, estimate.table())
+    assert estimate.state_total < fp32
+    if name == "prodigy":
+        assert estimate.state_dtypes["p0"] == "float32" and estimate.state_dtypes["exp_avg"] == "bf16"
+        assert "[bf16]" in estimate.table()
 
 
 def test_adamw_state_follows_the_parameter_dtype() -> None:
