@@ -87,7 +87,7 @@ class LanguageModel(OptimizerMixin, L.LightningModule):
     def record_run_settings(self, settings: dict[str, Any]) -> None:
         """Add plain-data ``settings`` to the hyperparameters: saved in checkpoints and ``hparams.yaml`` and logged
         once at the start of ``fit`` (TensorBoard's HPARAMS tab), so runs can be compared by them."""
-        self.hparams.update(settings)
+        self.hparams.update(_plain_data(settings))
         self._hparams_initial = copy.deepcopy(self._hparams)
 
     # -- protocol for z-loss / Sophia --------------------------------------------------------------------------
@@ -143,6 +143,15 @@ class LanguageModel(OptimizerMixin, L.LightningModule):
         loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
+
+
+def _plain_data(value: Any) -> Any:
+    """Tuples as lists, recursively: ``hparams.yaml`` then loads with ``yaml.safe_load``."""
+    if isinstance(value, dict):
+        return {k: _plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_data(v) for v in value]
+    return value
 
 
 def _as_optim_config(optim: OptimConfig | dict | None) -> OptimConfig:
