@@ -3,7 +3,7 @@
     python recipes/llama124m.py --trainer.devices 8                          # DDP on 8 GPUs
     python recipes/llama124m.py --config recipes/configs/optim/muon.yaml     # another optimizer, benchmark settings
     python recipes/llama124m.py --config recipes/configs/fsdp2.yaml          # FSDP2
-    python recipes/llama124m.py --ckpt_path <run>/checkpoints/last.ckpt      # resume
+    python recipes/llama124m.py --ckpt_path last                             # resume the newest verified checkpoint
     python recipes/llama124m.py --data.dataset HuggingFaceFW/fineweb-edu --data.dataset_config sample-10BT \
         --data.tokenizer gpt2 --data.max_tokens 3000000000             # the benchmark's data (needs the network)
 

@@ -1,6 +1,7 @@
-"""Tiny Llama-style model (~4.5M parameters) on the offline default corpus: trains on a laptop CPU in minutes.
+"""Tiny Llama-style model (~2.6M parameters) on the offline default corpus: trains on a laptop CPU in minutes.
 
-    python recipes/tiny.py                      # 200 steps, TensorBoard logs under lightning_logs/llama-tiny
+    python recipes/tiny.py                      # 250 steps, TensorBoard logs under lightning_logs/llama-tiny
+    python recipes/tiny.py --ckpt_path last     # resume the newest verified checkpoint of this recipe
     tensorboard --logdir lightning_logs
 """
 
