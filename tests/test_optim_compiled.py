@@ -104,8 +104,6 @@ def test_one_compile_serves_every_shape_and_rank() -> None:
 def test_auto_is_the_default_and_honours_the_environment(monkeypatch) -> None:
     ps = _params()
     for name in sorted(COMPILABLE):
-        if name == "sf-adamw" and create_optimizer(name, ps).compiled is False:
-            continue  # until sf_adamw.py takes the default
         assert create_optimizer(name, ps, **COMPILABLE[name]).compiled == "auto", name
     opt = create_optimizer("lion", ps)
     monkeypatch.setenv(_foreach_utils.COMPILE_ENV, "0")

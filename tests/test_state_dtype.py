@@ -15,7 +15,7 @@ from lightning_optim.optim import _foreach_utils
 from lightning_optim.optim._foreach_utils import COMPILE_ENV, COMPILED_MIN_NUMEL
 from lightning_optim.optim._low_precision import check_state_dtype, sr_bf16, sr_copy_
 
-LOWP = ["lion", "signum", "adopt", "ademamix", "mars", "prodigy", "muon", "d-muon", "normuon"]
+LOWP = ["lion", "signum", "adopt", "ademamix", "mars", "prodigy", "sf-adamw", "muon", "d-muon", "normuon"]
 
 
 def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +89,10 @@ class _TinyLM(torch.nn.Module):
 def _train(name: str, state_dtype: str | None, steps: int = 200) -> float:
     torch.manual_seed(0)
     model = _TinyLM()
-    hp = {"alpha_warmup": steps, "beta3_warmup": steps} if name == "ademamix" else {}
+    hp = {"ademamix": {"alpha_warmup": steps, "beta3_warmup": steps}, "sf-adamw": {"warmup_steps": 20}}.get(name, {})
     opt = lo.create_optimizer(name, model, state_dtype=state_dtype, **hp)
+    if callable(getattr(opt, "train", None)):
+        opt.train()
     g = torch.Generator().manual_seed(1)
     # a learnable task with a loss floor (~1.6 nats): the target is (token * 5 + 3) mod 32 with probability
     # 0.7, else a uniform random token, so the loss cannot collapse to 0 and 1% is a meaningful tolerance
