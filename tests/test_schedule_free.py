@@ -205,3 +205,32 @@ def test_sf_normuon_non_matrix_rule_is_sf_adamw():
 def test_zero_beta1_is_refused(name, field):
     with pytest.raises(ValueError, match=rf"{field}\[0\] must be > 0"):
         create_optimizer(name, torch.nn.Linear(3, 3), **{field: (0.0, 0.99)})
+
+
+def test_save_inside_a_training_batch_returns_to_train_mode(tmp_path):
+    """A checkpoint written between backward and the optimizer step holds x and leaves the optimizer in train
+    mode (the step would raise in eval mode). (A save after a batch leaves it in eval until the next batch:
+    tests/test_sf_resume.py.)"""
+
+    class SaveBeforeStep(pl.Callback):
+        def __init__(self):
+            self.modes_after_save: list[tuple[str, bool]] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 2:
+                trainer.save_checkpoint(tmp_path / "inside.ckpt")
+                self.modes_after_save.append(("inside", optimizer.train_mode))
+
+    probe = SaveBeforeStep()
+    model = Regr()
+    trainer = pl.Trainer(max_steps=N_BATCHES, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, callbacks=[probe])
+    trainer.fit(model)
+    assert probe.modes_after_save == [("inside", True)]
+    assert all(model.modes_in_training) and len(model.modes_in_training) == N_BATCHES
+    xs = _plain_loop(N_BATCHES)
+    inside = torch.load(tmp_path / "inside.ckpt", weights_only=False)  # saved before step 3's update: x_2
+    for k, v in inside["state_dict"].items():
+        torch.testing.assert_close(v, xs[1][k.removeprefix("net.")], rtol=1e-9, atol=1e-12)
+    assert inside["optimizer_states"][0]["param_groups"][0]["train_mode"] is False

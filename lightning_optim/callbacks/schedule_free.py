@@ -11,14 +11,25 @@ Lightning never calls these. This callback does, for *every* optimizer in ``trai
 * every checkpoint (epoch-end, step-interval, ``trainer.save_checkpoint``, on exception) stores x:
   Lightning collects the weights *before* ``on_save_checkpoint`` runs (and holds references to the live
   parameters until the file is written), so the callback wraps this trainer's ``save_checkpoint`` (which
-  every ``ModelCheckpoint`` and ``OnExceptionCheckpoint`` save goes through) to switch to eval around the
-  whole save and back afterwards. Should the method be missing, it falls back to switching to eval at every
+  every ``ModelCheckpoint`` and ``OnExceptionCheckpoint`` save goes through) and switches to eval before
+  the save. Should the method be missing, it falls back to switching to eval at every
   ``on_train_batch_end`` (it runs before ``ModelCheckpoint``'s, which Lightning orders last). With an
   asynchronous ``CheckpointIO`` the write may outlive the call: use a synchronous one with schedule-free;
+* after a save the optimizer *stays* in eval mode (the parameters hold the x just written) until the next
+  training batch starts, unless the save happened inside a training batch (between ``on_train_batch_start``
+  and this callback's ``on_train_batch_end``), where it switches back to train at once;
 * ``on_train_end``: ``eval()``, so the model left after ``fit`` holds x.
 
-The optimizer state (``z`` and the modes) is saved with the checkpoint, and weights are saved as x with the
-optimizer in eval mode, so a resumed run continues bit for bit.
+**Resume is bit-exact.** The two maps ``y → x`` and ``x → y`` are inverse only in exact arithmetic: in floating
+point ``train(eval(y))`` can differ from ``y`` in the last bit, so a run matches its resumed twin only if both
+see the same switches after the checkpoint was written. A resumed run starts from the file's x in eval mode
+and switches to train once, at its first batch. Staying in eval after the save makes the straight run do
+exactly that, also when a validation follows the checkpoint on the same step (step-interval checkpoints are
+written in ``on_train_batch_end``, before that step's validation, and a resumed run does not repeat that
+validation): switching back to train after the save and to eval again for the validation would be one round
+trip more than the resumed run makes, and the runs would part in the last bits (seen with validation and
+checkpoints both every 500 steps, the recipes' default). The optimizer state (``z``, moments, the clock and
+``train_mode``) is saved with the checkpoint, so a resumed run continues bit for bit.
 
 Usage (the :class:`~lightning_optim.OptimizerMixin` adds it by itself for schedule-free optimizers)::
 
@@ -35,16 +46,9 @@ __all__ = ["ScheduleFreeSwitch"]
 
 
 def _switchable(trainer: "pl.Trainer") -> list[Any]:
+    """The trainer's optimizers that have ``train()`` and ``eval()`` (schedulefree's API, no argument)."""
     return [o for o in getattr(trainer, "optimizers", []) or []
             if callable(getattr(o, "train", None)) and callable(getattr(o, "eval", None))]
-
-
-def _in_train_mode(opt: Any) -> bool | None:
-    groups = getattr(opt, "param_groups", None) or []
-    if groups and "train_mode" in groups[0]:
-        return bool(groups[0]["train_mode"])
-    mode = getattr(opt, "train_mode", None)
-    return bool(mode) if isinstance(mode, bool) else None
 
 
 class ScheduleFreeSwitch(pl.Callback):
@@ -52,6 +56,7 @@ class ScheduleFreeSwitch(pl.Callback):
 
     def __init__(self) -> None:
         self._wrapped = False
+        self._in_batch = False  # between on_train_batch_start and on_train_batch_end
 
     # -- modes ---------------------------------------------------------------------------------------------
 
@@ -76,16 +81,12 @@ class ScheduleFreeSwitch(pl.Callback):
             return
 
         def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
-            opts = _switchable(trainer)
-            was_train = [_in_train_mode(o) is not False for o in opts]
-            for o in opts:
-                o.eval()
+            self._eval(trainer)
             try:
                 return original(*args, **kwargs)
             finally:
-                for o, was in zip(opts, was_train):
-                    if was:
-                        o.train()
+                if self._in_batch:  # a save inside a training batch: its gradient is still to be taken at y
+                    self._train(trainer)
 
         save_checkpoint._schedule_free_wrapped = True  # type: ignore[attr-defined]
         trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
@@ -94,14 +95,17 @@ class ScheduleFreeSwitch(pl.Callback):
     # -- hooks ---------------------------------------------------------------------------------------------
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._in_batch = False  # not left over from a run that raised inside a batch
         self._wrap_dump(trainer)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
+        self._in_batch = True
         self._train(trainer)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        self._in_batch = False
         if not self._wrapped:  # fallback: be in eval before ModelCheckpoint's step-interval save
             self._eval(trainer)
 
