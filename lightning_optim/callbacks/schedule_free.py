@@ -17,7 +17,10 @@ Lightning never calls these. This callback does, for *every* optimizer in ``trai
   asynchronous ``CheckpointIO`` the write may outlive the call: use a synchronous one with schedule-free;
 * after a save the optimizer *stays* in eval mode (the parameters hold the x just written) until the next
   training batch starts, unless the save happened inside a training batch (between ``on_train_batch_start``
-  and this callback's ``on_train_batch_end``), where it switches back to train at once;
+  and this callback's ``on_train_batch_end``, e.g. a user's save in ``on_before_optimizer_step`` or
+  ``OnExceptionCheckpoint`` after a failing step), where it switches back to train at once since that
+  batch's gradient is taken at y: such a file holds x too, but a resume from it is not promised to be
+  bit-exact (``ModelCheckpoint`` never saves there);
 * ``on_train_end``: ``eval()``, so the model left after ``fit`` holds x.
 
 **Resume is bit-exact.** The two maps ``y → x`` and ``x → y`` are inverse only in exact arithmetic: in floating
