@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -37,6 +36,7 @@ from typing import Any, Mapping
 import torch
 
 from lightning_optim.param_groups import GroupingRules, param_groups
+from lightning_optim.validation import check_value
 from lightning_optim.registry import (
     create_optimizer,
     create_scheduler,
@@ -144,8 +144,7 @@ class OptimConfig:
         kwargs = self.scheduler_kwargs()
         sched.schedule_cls(total_steps=self.total_steps, warmup_steps=self.warmup_steps, **{**sched.defaults, **kwargs})
         for k, v in self.lr_scales.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"lr_scales[{k!r}] must be a finite number >= 0, got {v!r}")
+            check_value("lr_scale", v, label=f"OptimConfig.lr_scales[{k!r}]")
         if spec.schedule_free and sched.name != "constant":
             warnings.warn(
                 f"optimizer {spec.name!r} is schedule-free (it averages its iterates instead of decaying the lr) but "

@@ -67,7 +67,7 @@ def run_recipe(path: Path, args: list[str]) -> Any:
 
 def env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run_command(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
