@@ -13,6 +13,17 @@ local shard, viewed ``(local_rows, cols)``) with a :class:`MatrixMeta` saying ho
                 matrix, orthogonalises it (batched by shape), and a second ``all_to_all_single`` sends each rank
                 its rows of the result. Each matrix is orthogonalised exactly once across the ranks, and no
                 collective runs inside the Newton–Schulz iterations.
+                HSDP (``fully_shard`` on a 2-D ``(replicate, shard)`` mesh, placements ``(Replicate(), Shard(0))``):
+                the ``R`` replicas of each row block hold the same update (FSDP2 all-reduces the gradient across
+                the replicate dimension), so the matrices are split over all ``R·S`` ranks of the job: matrix ``i``
+                gets one owner ``(r, s)``; the ranks of replica ``r`` run the two all-to-alls above for the
+                matrices replica ``r`` owns, within their shard group, and one ``all_gather_into_tensor`` over the
+                replicate group then gives every rank its rows of every result. Each matrix is still
+                orthogonalised once per step in the whole job (not once per replica), for one extra collective.
+
+Owners are assigned by Newton–Schulz cost, longest first, to the least-loaded rank (Graham's LPT rule, within
+4/3 of the optimal makespan), the same on every rank; an owner runs all its matrices of one shape as one
+batched call.
 
 Payloads travel as bf16 (the kernel casts to bf16 first, so this loses nothing) reinterpreted as uint8 so
 any backend (gloo included) moves them. Results are bf16, shaped like the local input.
@@ -31,7 +42,8 @@ from torch import Tensor
 
 from lightning_optim.optim.newton_schulz import ns_flops
 
-__all__ = ["MatrixMeta", "matrix_meta", "orthogonalize", "global_sq_norms", "local", "CommCounter", "shard_rows"]
+__all__ = ["MatrixMeta", "matrix_meta", "orthogonalize", "global_sq_norms", "local", "CommCounter", "shard_rows",
+           "assign_owners"]
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -51,12 +63,23 @@ class MatrixMeta:
     rows: int
     cols: int
     kind: str  # "local" | "replicated" | "sharded"
-    group: Any = None  # the process group that shares it (None: default group)
+    group: Any = None  # the process group that shares it (None: default group); "sharded": rows split over it
     world: int = 1
     rank: int = 0
+    replicate_group: Any = None  # HSDP: the ranks that hold the same rows (None: no replication)
+    replicas: int = 1
+    replica: int = 0
 
     def shard_sizes(self) -> list[int]:
         return shard_rows(self.rows, self.world)
+
+    def bucket_key(self) -> tuple:
+        """Matrices with equal keys are exchanged together (same kind and the same process groups)."""
+        return (self.kind, _group_key(self.group), _group_key(self.replicate_group))
+
+
+def _group_key(group: Any) -> Any:
+    return None if group is None else getattr(group, "group_name", id(group))
 
 
 def shard_rows(rows: int, world: int) -> list[int]:
@@ -78,10 +101,13 @@ def matrix_meta(p: Tensor, name: str, distributed: bool | None = None) -> Matrix
     if isinstance(p, DTensor):
         mesh = p.device_mesh
         placements = tuple(p.placements)
+        if mesh.ndim == 2:
+            return _hsdp_meta(p, name, rows, cols)
         if mesh.ndim != 1:
             raise ValueError(
                 f"parameter {name!r} is a DTensor on a {mesh.ndim}-D device mesh {placements}; the matrix rule "
-                "handles 1-D meshes (FSDP2 Shard(0) or Replicate). Use a 1-D fully_shard mesh or route it to AdamW."
+                "handles 1-D meshes (FSDP2 Shard(0) or Replicate) and 2-D HSDP meshes (Replicate(), Shard(0)). "
+                "Route it to AdamW."
             )
         pl = placements[0]
         pg = mesh.get_group()
@@ -101,6 +127,32 @@ def matrix_meta(p: Tensor, name: str, distributed: bool | None = None) -> Matrix
     if distributed is not False and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return MatrixMeta(rows, cols, "replicated", None, dist.get_world_size(), dist.get_rank())
     return MatrixMeta(rows, cols, "local")
+
+
+def _hsdp_meta(p: Tensor, name: str, rows: int, cols: int) -> MatrixMeta:
+    """HSDP: one mesh dimension ``Replicate()``, the other ``Shard(0)`` (FSDP2 on a 2-D mesh)."""
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    rep = [d for d, pl in enumerate(placements) if isinstance(pl, Replicate)]
+    shd = [d for d, pl in enumerate(placements) if isinstance(pl, Shard) and pl.dim == 0]
+    if len(rep) != 1 or len(shd) != 1:
+        raise ValueError(
+            f"parameter {name!r} is a DTensor on a 2-D device mesh with placements {placements}; the matrix rule "
+            "handles HSDP, (Replicate(), Shard(0)) (fully_shard on a (replicate, shard) mesh). Tensor-parallel "
+            "shards (Shard(1), or Shard on both mesh dimensions) are not supported: route it to AdamW."
+        )
+    sg, rg = mesh.get_group(shd[0]), mesh.get_group(rep[0])
+    world, rank = dist.get_world_size(sg), dist.get_rank(sg)
+    replicas, replica = dist.get_world_size(rg), dist.get_rank(rg)
+    expected = shard_rows(rows, world)[rank]
+    if p._local_tensor.shape[0] != expected:
+        raise ValueError(f"parameter {name!r}: local shard has {p._local_tensor.shape[0]} rows, expected "
+                         f"{expected} (torch.chunk layout); uneven custom sharding is not supported")
+    if world == 1 and replicas == 1:
+        return MatrixMeta(rows, cols, "local")
+    if world == 1:  # every rank of the replicate group holds the whole matrix: DDP-like
+        return MatrixMeta(rows, cols, "replicated", rg, replicas, replica)
+    return MatrixMeta(rows, cols, "sharded", sg, world, rank, rg if replicas > 1 else None, replicas,
+                      replica if replicas > 1 else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,16 +192,24 @@ def batched_ns(mats: Sequence[Tensor], ns_fn: NSFn) -> list[Tensor]:
     return out
 
 
-def _owners(metas: Sequence[MatrixMeta], world: int) -> list[int]:
-    """Greedy longest-processing-time assignment of matrices to ranks; identical on every rank."""
-    order = sorted(range(len(metas)), key=lambda i: (-ns_flops(metas[i].rows, metas[i].cols), i))
+def assign_owners(costs: Sequence[int], world: int) -> list[int]:
+    """Owner rank of each job: longest-processing-time first, each to the least-loaded rank (ties: lowest rank).
+
+    Graham's LPT rule (1969): the busiest rank's load is at most ``4/3 - 1/(3·world)`` times the optimal
+    makespan. Deterministic, so every rank computes the same assignment without communicating."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
     load = [0] * world
-    owner = [0] * len(metas)
+    owner = [0] * len(costs)
     for i in order:
         r = min(range(world), key=lambda k: (load[k], k))
         owner[i] = r
-        load[r] += ns_flops(metas[i].rows, metas[i].cols)
+        load[r] += costs[i]
     return owner
+
+
+def _owners(metas: Sequence[MatrixMeta], world: int) -> list[int]:
+    """Owners of the matrices by Newton–Schulz cost (:func:`assign_owners`), identical on every rank."""
+    return assign_owners([ns_flops(m.rows, m.cols) for m in metas], world)
 
 
 def _as_bytes(t: Tensor) -> Tensor:
@@ -183,10 +243,51 @@ def _replicated(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> lis
 
 
 def _sharded(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> list[Tensor]:
+    """Row-sharded matrices (FSDP2, or HSDP with ``replicas > 1``); see the module docstring."""
+    m0 = metas[0]
+    world, rank, replicas, replica = m0.world, m0.rank, m0.replicas, m0.replica
+    device = mats[0].device
+    # one owner per matrix among all replicas x shard ranks; replica r handles the matrices it owns
+    owner_global = _owners(metas, world * replicas)
+    n = len(mats)
+    handled = [[i for i in range(n) if owner_global[i] // world == r] for r in range(replicas)]
+    owner = {i: owner_global[i] % world for i in handled[replica]}
+    out = _exchange_rows([mats[i] for i in handled[replica]], [metas[i] for i in handled[replica]],
+                         [owner[i] for i in handled[replica]], ns_fn)
+    result: list[Tensor] = [None] * n  # type: ignore[list-item]
+    for i, o in zip(handled[replica], out):
+        result[i] = o
+    if replicas == 1:
+        return result
+    # every replica holds this rank's rows of the matrices it handled: gather them across the replicas
+    local_rows = [m.shard_sizes()[rank] * m.cols for m in metas]
+    sizes = [sum(local_rows[i] for i in handled[r]) for r in range(replicas)]
+    width = max(sizes)
+    send = torch.zeros(width, dtype=torch.bfloat16, device=device)
+    mine = [result[i].reshape(-1) for i in handled[replica] if local_rows[i]]
+    if mine:
+        torch.cat(mine, out=send[: sizes[replica]])
+    recv = torch.empty(replicas * width, dtype=torch.bfloat16, device=device)
+    dist.all_gather_into_tensor(_as_bytes(recv), _as_bytes(send), group=m0.replicate_group)
+    CommCounter.collectives["all_gather_into_tensor"] += 1
+    for r in range(replicas):
+        off = r * width
+        for i in handled[r]:
+            k = local_rows[i]
+            result[i] = recv[off: off + k].view(k // metas[i].cols, metas[i].cols)
+            off += k
+    return result
+
+
+def _exchange_rows(mats: list[Tensor], metas: list[MatrixMeta], owner: list[int], ns_fn: NSFn) -> list[Tensor]:
+    """Row blocks to their owner (all-to-all), Newton–Schulz there, result rows back (all-to-all), in ``group``.
+
+    Every rank of the shard group must pass the same matrices in the same order (with its own row blocks)."""
+    if not mats:
+        return []
     pg = metas[0].group
     world, rank = metas[0].world, metas[0].rank
     device = mats[0].device
-    owner = _owners(metas, world)
     shards = [m.shard_sizes() for m in metas]
     n = len(mats)
     # 1) every rank sends its row block of matrix i to owner[i] (ordered by destination, then by i)
@@ -239,10 +340,10 @@ def _sharded(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> list[T
 def orthogonalize(mats: Sequence[Tensor], metas: Sequence[MatrixMeta], ns_fn: NSFn) -> list[Tensor]:
     """Newton–Schulz of every matrix (local 2-D views), each computed once across ranks; bf16 local results."""
     out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
-    buckets: dict[tuple[str, int], list[int]] = defaultdict(list)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, m in enumerate(metas):
-        buckets[(m.kind, id(m.group))].append(i)
-    for (kind, _), idx in buckets.items():
+        buckets[m.bucket_key()].append(i)
+    for (kind, *_), idx in buckets.items():
         sub_m = [mats[i] for i in idx]
         sub_meta = [metas[i] for i in idx]
         if kind == "local":
@@ -263,8 +364,8 @@ def global_sq_norms(tensors: Sequence[Tensor], metas: Sequence[MatrixMeta]) -> l
     sq = torch.stack([t.float().square().sum() for t in tensors])
     sharded = defaultdict(list)
     for i, m in enumerate(metas):
-        if m.kind == "sharded":
-            sharded[id(m.group)].append(i)
+        if m.kind == "sharded":  # rows split over m.group (replicas, if any, hold the same rows)
+            sharded[_group_key(m.group)].append(i)
     if sharded:
         sq = sq.clone()
         for idx in sharded.values():
