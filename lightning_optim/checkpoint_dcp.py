@@ -47,9 +47,11 @@ import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Literal, Optional, Union
 
 import torch
+from torch.distributed.constants import default_pg_timeout
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -73,15 +75,27 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` whose checkpoints are atomic, checksummed and verified (module docstring).
 
     Args:
-        *args, **kwargs: those of ``ModelParallelStrategy``.
+        data_parallel_size, tensor_parallel_size, save_distributed_checkpoint, process_group_backend, timeout:
+            as for ``ModelParallelStrategy`` (spelled out so LightningCLI / YAML configs see them).
         check_finite: refuse to save weights holding NaN or ±inf (default on).
         require_checksum: refuse to load a single file without its ``.sha256`` sidecar.
         allow_unverified_folders: load a sharded folder that has no manifest (unverified) instead of refusing.
     """
 
-    def __init__(self, *args: Any, check_finite: bool = True, require_checksum: bool = False,
-                 allow_unverified_folders: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        data_parallel_size: Union[Literal["auto"], int] = "auto",
+        tensor_parallel_size: Union[Literal["auto"], int] = "auto",
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        check_finite: bool = True,
+        require_checksum: bool = False,
+        allow_unverified_folders: bool = False,
+    ) -> None:
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
         self.check_finite = check_finite
         self.require_checksum = require_checksum
         self.allow_unverified_folders = allow_unverified_folders
