@@ -139,7 +139,7 @@ class StepGate:
     _gates: "weakref.WeakKeyDictionary[torch.optim.Optimizer, StepGate]" = weakref.WeakKeyDictionary()
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: str | torch.device | None = "cpu") -> None:
-        self.optimizer = optimizer
+        self._optimizer = weakref.ref(optimizer)  # the gate is a value of a WeakKeyDictionary keyed on it
         self.device = device
         self._snapshot: Snapshot | None = None
         self._after: list[Callable[[], None]] = []
@@ -152,6 +152,10 @@ class StepGate:
         if gate is None:
             gate = cls._gates[optimizer] = cls(optimizer, device)
         return gate
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer()
 
     @classmethod
     def get(cls, optimizer: torch.optim.Optimizer) -> "StepGate | None":
@@ -204,7 +208,9 @@ class StepGate:
 
     def remove(self) -> None:
         self._handle.remove()
-        StepGate._gates.pop(self.optimizer, None)
+        optimizer = self.optimizer
+        if optimizer is not None:
+            StepGate._gates.pop(optimizer, None)
 
 
 def scale_peak_lr(trainer: Any, factor: float) -> None:

@@ -113,7 +113,7 @@ class LossWatch(Callback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         if not self.enabled:
             return
-        verdict = DecisionRound.for_step(trainer, optimizer).verdict(self)
+        verdict = DecisionRound.for_step(trainer, optimizer).verdict(self, trainer, optimizer)
         if verdict is not None:
             self.on_verdict(trainer, pl_module, optimizer, verdict)
 
@@ -126,6 +126,19 @@ class LossWatch(Callback):
         StepGradNorms.clear_all(optimizers)
         self.after_batch(trainer, pl_module)
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release(trainer)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._release(trainer)
+
+    def _release(self, trainer: Any) -> None:
+        """Drop the per-step caches (a verdict names its watchers; nothing outlives the run)."""
+        self._loss = None
+        optimizers = list(getattr(trainer, "optimizers", []))
+        DecisionRound.clear_all(optimizers)
+        StepGradNorms.clear_all(optimizers)
+
 
 class DecisionRound:
     """The decisions of all enabled watchers for one optimizer step, with one reduce and one host sync."""
@@ -135,7 +148,6 @@ class DecisionRound:
     def __init__(self, step: Any) -> None:
         self.step = step
         self.verdicts: dict[int, Verdict | None] = {}
-        self.syncs = 0  # host syncs made by this round (a test probe)
 
     @classmethod
     def for_step(cls, trainer: Any, optimizer: torch.optim.Optimizer) -> "DecisionRound":
@@ -145,7 +157,6 @@ class DecisionRound:
             current = cls(step)
             current._run(trainer, optimizer, _watchers(trainer))
             cls._by_optimizer[optimizer] = current
-        current._trainer, current._optimizer = trainer, optimizer
         return current
 
     @classmethod
@@ -153,9 +164,9 @@ class DecisionRound:
         for opt in optimizers:
             cls._by_optimizer.pop(opt, None)
 
-    def verdict(self, watcher: LossWatch) -> Verdict | None:
+    def verdict(self, watcher: LossWatch, trainer: Any, optimizer: torch.optim.Optimizer) -> Verdict | None:
         if id(watcher) not in self.verdicts:  # a watcher not in trainer.callbacks: a round of its own
-            self._run(self._trainer, self._optimizer, [watcher])
+            self._run(trainer, optimizer, [watcher])
         return self.verdicts[id(watcher)]
 
     def _run(self, trainer: Any, optimizer: torch.optim.Optimizer, watchers: list[LossWatch]) -> None:
@@ -173,7 +184,6 @@ class DecisionRound:
             parts = ([flag_vec] if flag_vec is not None else []) + (
                 [torch.stack([v.reshape(()).to(device, torch.float32) for v in values])] if values else [])
             host = torch.cat(parts).tolist()  # the one host sync of the step
-            self.syncs += 1
             host_flags, host_values = host[:len(flags)], host[len(flags):]
         fi = vi = 0
         ordered: list[tuple[LossWatch, Verdict | None]] = []

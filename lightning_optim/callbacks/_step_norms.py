@@ -48,7 +48,6 @@ class StepGradNorms:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = weakref.ref(optimizer)  # the cache is a value of a WeakKeyDictionary keyed on it
         self._handle = optimizer.register_step_post_hook(lambda *_: self.clear())
-        self.computed = 0  # how many times norms were measured (a test and benchmark probe)
         self.clear()
 
     @classmethod
@@ -108,7 +107,6 @@ class StepGradNorms:
 
     # ---------------------------------------------------------------- internals
     def _measure(self, grads: list[Tensor]) -> Tensor:
-        self.computed += 1
         if not grads:
             return torch.zeros(0)
         return reduce_squared(squared_norms(grads), grads, sharded_plain=self._sharded_plain)
