@@ -1,6 +1,8 @@
 """2-process DDP run: a loss spike on rank 1 only (step 20) and a NaN gradient on rank 1 only (step 25).
 
-Both ranks must take the same decisions (skip both steps) and end with identical weights. Writes
+Both ranks must take the same decisions (skip both steps) and end with identical weights. The detector also
+scores the gradient norm, so the NaN gradient is seen by both callbacks: it must be the guard's alone on every rank
+(one spike, the step-20 one; one non-finite step). Writes
 ``rank{r}.json`` and ``weights{r}.pt`` under the output directory given as the first argument.
 """
 
@@ -24,7 +26,7 @@ warnings.simplefilter("ignore")
 def main(out: Path) -> None:
     L.seed_everything(0)
     model = TinyLM(inject=[{"kind": "loss", "step": 20, "rank": 1}, {"kind": "nan_grad", "step": 25, "rank": 1}])
-    detector = LossSpikeDetector(action="skip", window=8)
+    detector = LossSpikeDetector(action="skip", window=8, monitor_grad_norm=True)
     guard = NonFiniteGuard()
     probe = Probe([20, 25])
     callbacks = [detector, guard, GradientClipping(max_norm=1.0), LayerNormMonitor(every_n_steps=10), probe]
