@@ -445,6 +445,8 @@ def test_sharded_checkpoints_under_fsdp2_are_verified(tmp_path):
     assert r1["non_finite_tensor"] == "model.fc1.weight" and "1 NaN" in r1["non_finite"]  # the rank that holds it
     assert "another rank" in r0["non_finite"]
     assert r0["poisoned_files"] == ["step2.ckpt"] and r0["poisoned_verified"] == "manifest"
+    assert r0["full_files"] == ["step2.ckpt", "step2.ckpt.sha256"] and r0["full_verified"] == "sha256"
+    assert r0["full_resumed_step"] == r1["full_resumed_step"] == 4
 
 
 def test_killed_sharded_save_leaves_only_a_hidden_staging_folder_that_the_next_save_removes(tmp_path):

@@ -9,7 +9,9 @@ Run by ``tests/test_checkpoint_io.py`` under ``torch.distributed.run``; writes `
    folder on both ranks;
 3. ``newest_verified_checkpoint`` skips it and picks ``step4.ckpt``; resuming from that reaches step 6;
 4. rank 1 alone holds a NaN in its shard at a save step: both ranks raise ``NonFiniteCheckpointError``
-   (no rank is left waiting) and the earlier checkpoints are intact.
+   (no rank is left waiting) and the earlier checkpoints are intact;
+5. with ``save_distributed_checkpoint=False`` the full file is written by rank 0 with its SHA-256 sidecar
+   and a 2-rank resume from it reaches step 4.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from lightning_optim.checkpoint_io import NonFiniteCheckpointError, newest_verif
 from tests.conformance._lightning import ConfLM, trainer
 
 
-def strategy() -> VerifiedModelParallelStrategy:
-    return VerifiedModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+def strategy(sharded: bool = True) -> VerifiedModelParallelStrategy:
+    return VerifiedModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=sharded)
 
 
 class PoisonShard(Callback):
@@ -101,6 +104,19 @@ def main() -> None:
     if rank == 0:
         result["poisoned_files"] = sorted(p.name for p in poisoned.iterdir())
         result["poisoned_verified"] = verify_checkpoint(poisoned / "step2.ckpt")
+
+    full = folder / "full"
+    tr = trainer(out / "run5", max_steps=2, devices=2, strategy=strategy(sharded=False), enable_checkpointing=True,
+                 callbacks=[ModelCheckpoint(dirpath=full, every_n_train_steps=2, filename="step{step}",
+                                            auto_insert_metric_name=False)])
+    tr.fit(ConfLM(optimizer="adamw", total_steps=8))
+    dist.barrier()
+    if rank == 0:
+        result["full_files"] = sorted(p.name for p in full.iterdir())
+        result["full_verified"] = verify_checkpoint(full / "step2.ckpt")
+    tr = trainer(out / "run6", max_steps=4, devices=2, strategy=strategy(sharded=False))
+    tr.fit(ConfLM(optimizer="adamw", total_steps=8), ckpt_path=full / "step2.ckpt")
+    result["full_resumed_step"] = tr.global_step
     (out / f"result_rank{rank}.json").write_text(json.dumps(result, indent=1))
 
 
