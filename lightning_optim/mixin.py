@@ -6,9 +6,10 @@ Usage::
     from lightning_optim import OptimConfig, OptimizerMixin
 
     class MyLM(OptimizerMixin, L.LightningModule):
-        def __init__(self, optim: OptimConfig = OptimConfig(name="adamw", lr=1e-3, scheduler="cosine")):
+        def __init__(self, optim: OptimConfig | None = None):
             super().__init__()
-            self.save_hyperparameters()
+            # a fresh default per instance (an OptimConfig(...) default argument would share one `extra` dict)
+            self.save_hyperparameters({"optim": optim or OptimConfig(name="adamw", lr=1e-3, scheduler="cosine")})
             ...
         # no configure_optimizers: the mixin builds one optimizer and a per-step schedule
 
@@ -20,6 +21,10 @@ The schedule's horizon is ``OptimConfig.total_steps``, else ``trainer.max_steps`
 ``trainer.estimated_stepping_batches`` read lazily at the first step after warmup — never inside
 ``configure_optimizers``, which would break stateful-dataloader resume (Lightning issue #20550).
 
+The config is built and validated once: an ``OptimConfig`` in the hyperparameters is used as it is (it is
+saved in checkpoints as itself and loads with ``torch.load(weights_only=True)``; ``hparams.yaml`` shows it as a
+plain mapping); one given as a dict or flat names is built once and kept until the hyperparameters change.
+
 Override :meth:`optimizer_param_groups` to change the grouping; the groups it returns go to
 :func:`~lightning_optim.create_optimizer` as they are. Callbacks an optimizer needs (schedule-free
 switching, Sophia's Hessian pass) are added through ``configure_callbacks``.
@@ -27,6 +32,7 @@ switching, Sophia's Hessian pass) are added through ``configure_callbacks``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import warnings
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
+import yaml
 
 from lightning_optim.param_groups import GroupingRules, param_groups
 from lightning_optim.validation import check_value
@@ -67,9 +74,11 @@ class OptimConfig:
         total_steps: schedule horizon; default ``trainer.max_steps`` (or the Trainer's estimate).
         decay_fraction, cooldown_shape, cooldown_start: WSD's cooldown (fraction of the run, shape
             ``linear|cosine|sqrt``, or an explicit start step to branch a cooldown from a checkpoint).
-        final_fraction: final lr as a fraction of the peak (defaults per schedule: cosine 0.01, linear 0.001,
-            wsd 0).
+        final_fraction: final lr as a fraction of the peak.
         timescale: inverse-sqrt's τ.
+            The schedule fields left ``None`` take the schedule's own defaults (``lightning-optim info wsd``:
+            WSD decay_fraction 0.2, cooldown_shape sqrt, final 0; cosine final 0.01; linear final 0.001);
+            one set for a schedule that does not take it is refused.
         decay_embeddings, decay_norms, decay_biases, no_decay_patterns, other_patterns, lr_scales:
             the grouping rules (see :mod:`lightning_optim.param_groups`).
     """
@@ -85,9 +94,9 @@ class OptimConfig:
     scheduler: str | None = None
     warmup_steps: int = 0
     total_steps: int | None = None
-    decay_fraction: float = 0.2
+    decay_fraction: float | None = None
     final_fraction: float | None = None
-    cooldown_shape: str = "sqrt"
+    cooldown_shape: str | None = None
     cooldown_start: int | None = None
     timescale: int | None = None
     decay_embeddings: bool = False
@@ -114,19 +123,19 @@ class OptimConfig:
         return {**kwargs, **dict(self.extra)}
 
     def scheduler_kwargs(self) -> dict[str, Any]:
+        """The schedule fields that are set (the schedule's defaults fill the rest); refuses one it does not take."""
         accepted = get_scheduler_spec(self.scheduler).defaults
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         kwargs = {}
         for name in _SCHEDULE_FIELDS:
             value = getattr(self, name)
-            if name in accepted:
-                if value is not None or name in ("cooldown_start", "timescale"):
-                    kwargs[name] = value
-            elif value != defaults[name]:
+            if value is None:
+                continue
+            if name not in accepted:
                 raise ValueError(
                     f"OptimConfig.{name}={value!r} does not apply to schedule {self.scheduler!r} "
                     f"(it takes {', '.join(sorted(accepted)) or 'no extra arguments'})"
                 )
+            kwargs[name] = value
         return kwargs
 
     def grouping_rules(self) -> GroupingRules:
@@ -177,6 +186,30 @@ def default_scheduler(optimizer_name: str) -> str:
 torch.serialization.add_safe_globals([OptimConfig])
 
 
+def _snapshot(data: Any) -> Any:
+    """A comparable copy of hyperparameters (a dict, a namespace, or anything else as itself)."""
+    if isinstance(data, Mapping):
+        return copy.deepcopy(dict(data))
+    if hasattr(data, "__dict__"):
+        return copy.deepcopy(dict(vars(data)))
+    return copy.deepcopy(data)
+
+
+def _represent_optim_config(dumper: yaml.Dumper, config: OptimConfig) -> Any:
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return dumper.represent_dict(plain(dataclasses.asdict(config)))
+
+
+# hparams.yaml (Lightning dumps hyperparameters with yaml.dump) shows an OptimConfig as a plain mapping that
+# yaml.safe_load reads back, instead of a python/object tag.
+for _dumper in (yaml.Dumper, yaml.SafeDumper):
+    yaml.add_representer(OptimConfig, _represent_optim_config, Dumper=_dumper)
+
+
 def _known_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(OptimConfig)}
     return {k: v for k, v in dict(data).items() if k in names and not k.startswith("_")}
@@ -191,8 +224,27 @@ class OptimizerMixin:
     """Gives a LightningModule a registry-backed ``configure_optimizers`` (see the module docstring)."""
 
     def optim_config(self) -> OptimConfig:
+        """The module's :class:`OptimConfig`: the one in ``hparams.optim`` as it is, else built (and validated) once
+        from a dict / namespace / flat hyperparameters and kept until those change."""
         hparams = getattr(self, "hparams", {}) or {}
-        return OptimConfig.from_hparams(hparams)
+        optim = hparams.get("optim") if hasattr(hparams, "get") else None
+        if isinstance(optim, OptimConfig):
+            return optim
+        source = _snapshot(optim if optim is not None else hparams)
+        cached = self.__dict__.get("_lo_optim_config")
+        if cached is None or cached[0] != source:
+            cached = (source, OptimConfig.from_hparams(hparams))
+            self.__dict__["_lo_optim_config"] = cached
+        return cached[1]
+
+    def optim_spec(self) -> Any:
+        """The registry spec of the configured optimizer (looked up once per optimizer name)."""
+        config = self.optim_config()
+        cached = self.__dict__.get("_lo_optim_spec")
+        if cached is None or cached[0] != config.name:
+            cached = (config.name, get_optimizer_spec(config.name))
+            self.__dict__["_lo_optim_spec"] = cached
+        return cached[1]
 
     def optimizer_param_groups(self, config: OptimConfig, split_matrices: bool) -> list[dict[str, Any]]:
         """The parameter groups handed to the optimizer. Override to change the grouping."""
@@ -208,7 +260,7 @@ class OptimizerMixin:
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optim_config()
-        spec = get_optimizer_spec(config.name)
+        spec = self.optim_spec()
         groups = self.optimizer_param_groups(config, split_matrices=spec.hybrid)
         hyperparameters = config.optimizer_kwargs()
         horizon = self._optim_horizon(config)
@@ -236,7 +288,7 @@ class OptimizerMixin:
         """Callbacks the chosen optimizer needs (``OptimizerSpec.callbacks``), added once."""
         parent = super()
         callbacks = list(parent.configure_callbacks()) if hasattr(parent, "configure_callbacks") else []
-        spec = get_optimizer_spec(self.optim_config().name)
+        spec = self.optim_spec()
         trainer = getattr(self, "_trainer", None)
         present = {type(cb) for cb in (trainer.callbacks if trainer is not None else [])} | {type(c) for c in callbacks}
         for path in spec.callbacks:

@@ -19,7 +19,6 @@ The batch is ``(inputs, targets)``, two ``(B, T)`` int64 tensors (targets = inpu
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any
 
 import lightning as L
@@ -68,7 +67,7 @@ class LanguageModel(OptimizerMixin, L.LightningModule):
         super().__init__()
         optim_cfg = _as_optim_config(optim)
         self.save_hyperparameters(ignore=["optim"])
-        self.record_run_settings({"optim": dataclasses.asdict(optim_cfg)})  # plain data: loads with weights_only
+        self.record_run_settings({"optim": optim_cfg})  # itself: a safe global for weights_only loads
         cfg = model_config(preset, arch, block_size=block_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                            mlp_hidden=mlp_hidden, vocab_size=vocab_size)
         if cfg.vocab_size is None:
