@@ -112,11 +112,15 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
 
     # -- saving ----------------------------------------------------------------------------------------------
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (one all-reduce), so that all ranks take the same branch."""
+        total = self.reduce(torch.tensor([1.0 if flag else 0.0], device=self.root_device), reduce_op="sum")
+        return float(total.item()) > 0.0
+
     def _refuse_non_finite(self, checkpoint: Mapping[str, Any], path: Path) -> None:
         state_dict = checkpoint.get("state_dict")
         bad = first_non_finite(state_dict) if isinstance(state_dict, Mapping) else None
-        flag = torch.tensor([0.0 if bad is None else 1.0], device=self.root_device)
-        if float(self.reduce(flag, reduce_op="sum").item()) == 0.0:
+        if not self._any_rank(bad is not None):
             return
         if bad is not None:
             raise NonFiniteCheckpointError(path, bad[0], _describe_non_finite(*bad))
@@ -137,13 +141,18 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(path)
         self.barrier("VerifiedModelParallelStrategy.save_checkpoint:staging")
+        error: Exception | None = None
         try:
-            super().save_checkpoint(checkpoint, staging)  # every rank's shards (DCP agrees on failures), meta.pt
-        except BaseException:
+            super().save_checkpoint(checkpoint, staging)  # every rank's shards, then rank 0's meta.pt
+        except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
+            error = err
+        if self._any_rank(error is not None):  # also the barrier: every shard is written
             if self.global_rank == 0:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.barrier("VerifiedModelParallelStrategy.save_checkpoint:written")
+            if error is not None:
+                raise error
+            raise CheckpointError(path, "was not written: the save failed on another rank (its error says why); "
+                                  "the previous checkpoint is unchanged")
         failure: BaseException | None = None
         if self.global_rank == 0:
             try:
@@ -192,7 +201,12 @@ def _move_into_place(staging: Path, path: Path, token: str) -> None:
     if path.exists() or path.is_symlink():
         old = path.parent / f".{path.name}.{token}.old"
         os.replace(path, old)
-    os.replace(staging, path)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)  # the previous checkpoint goes back where it was
+        raise
     _fsync_dir(path.parent)
     try:
         checksum_path(path).unlink()  # the digest of a single file this folder replaced

@@ -469,3 +469,26 @@ def test_killed_sharded_save_leaves_only_a_hidden_staging_folder_that_the_next_s
     _move_into_place(new, dest, "12345678")
     assert files(tmp_path) == ["last.ckpt"] and (dest / "__0_0.distcp").read_bytes() == b"new"
     assert verify_checkpoint(dest) == "manifest"
+
+
+def test_failed_folder_rename_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+    import lightning_optim.checkpoint_dcp as dcp
+
+    dest, staging = tmp_path / "last.ckpt", tmp_path / ".last.ckpt.abcd1234.staging"
+    for folder, content in ((dest, b"previous"), (staging, b"new")):
+        folder.mkdir()
+        (folder / "__0_0.distcp").write_bytes(content)
+        write_manifest(folder)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.fspath(src) == os.fspath(staging):
+            _raise_enospc()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(dcp.os, "replace", replace)
+    with pytest.raises(OSError):
+        dcp._move_into_place(staging, dest, "abcd1234")
+    monkeypatch.undo()
+    assert (dest / "__0_0.distcp").read_bytes() == b"previous" and verify_checkpoint(dest) == "manifest"
+    assert files(tmp_path) == [".last.ckpt.abcd1234.staging", "last.ckpt"]  # the caller removes the staging
