@@ -15,7 +15,7 @@ NAMES = ["muon", "d-muon", "normuon", "sf-normuon"]
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     d = tmp_path_factory.mktemp("muon_dist")
-    run_distributed(Path(__file__).parent / "dist_scripts" / "muon_dist.py", str(d), timeout=400)
+    run_distributed(Path(__file__).parent / "dist_scripts" / "muon_dist.py", str(d), timeout=400, out_dir=d)
     return d
 
 

@@ -41,6 +41,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning_optim as lo  # noqa: E402
+from tests.dist_utils import finish  # noqa: E402
 from tests.conformance._helpers import (  # noqa: E402
     build,
     diff_states,
@@ -214,7 +215,7 @@ def main() -> None:
         cells["seconds"] = f"{t1 - t0:.2f} + lightning {time.perf_counter() - t1:.2f}"
         results[name] = cells
         (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
+    finish(out)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ Every rank feeds the same batch, so the averaged sharded gradients equal the sin
 script runs each optimizer sharded and, on every rank, unsharded, and writes the largest difference.
 """
 
-import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,10 @@ try:
 except ImportError:  # torch < 2.6
     from torch.distributed._composable.fsdp import fully_shard
 
-from lightning_optim import create_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lightning_optim import create_optimizer  # noqa: E402
+from tests.dist_utils import finish  # noqa: E402
 
 METHODS = ["prodigy", "mars", "adopt", "sf-adamw"]
 HP = {"prodigy": {"d0": 1e-2}, "mars": {"lr": 1e-2}, "adopt": {"lr": 1e-2}, "sf-adamw": {"lr": 1e-2, "warmup_steps": 2}}
@@ -63,7 +66,7 @@ def main(out):
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    finish(Path(out).parent)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_optim import param_groups  # noqa: E402
+from tests.dist_utils import finish  # noqa: E402
 from tests.test_param_groups import TinyLM, by_name  # noqa: E402
 
 dist.init_process_group("gloo")
@@ -20,4 +21,4 @@ fully_shard(model, mesh=mesh)
 assert isinstance(model.attn.weight, DTensor)
 groups = param_groups(model, split_matrices=True)
 Path(sys.argv[1], f"rank{dist.get_rank()}.txt").write_text(repr(sorted(by_name(groups).items())) + "\n")
-dist.destroy_process_group()
+finish(sys.argv[1])

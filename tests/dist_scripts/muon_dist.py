@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from lightning_optim import create_optimizer  # noqa: E402
 from lightning_optim.models.gpt import ModelConfig, Transformer  # noqa: E402
+from tests.dist_utils import finish  # noqa: E402
 
 K = 4
 NAMES = ["muon", "d-muon", "normuon", "sf-normuon"]
@@ -133,7 +134,7 @@ def main():
         dist.barrier()
     if rank == 0:
         (out / "report.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    finish(out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.dist_scripts.soap_common import fit  # noqa: E402
+from tests.dist_utils import finish  # noqa: E402
 
 STEPS = 12
 
@@ -25,6 +26,7 @@ def main(out_dir: str) -> None:
         rank = torch.distributed.get_rank()
         torch.save({"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
                     "passes": list(hess.passes)}, Path(out_dir) / f"{name}_rank{rank}.pt")
+    finish(out_dir)
 
 
 if __name__ == "__main__":
