@@ -38,3 +38,25 @@ def test_ddp_and_fsdp2(out, name):
         torch.testing.assert_close(fsdp[k], fsingle[k], atol=2e-3, rtol=2e-3, msg=lambda m: f"{name} {k}: {m}")
     report = json.loads((out / "report.json").read_text())[name]
     assert report == {"state_dtensor": True, "params_dtensor": True}
+
+
+def test_owners_longest_first_balance_and_batching():
+    """LPT owners: deterministic, within Graham's 4/3 bound of a known optimum, better than round-robin here,
+    and one batched Newton–Schulz call per distinct shape an owner holds."""
+    from lightning_optim.optim._matrix_dist import assign_owners
+
+    costs = [7, 7, 6, 6, 5, 5, 4, 4, 4]  # optimum on 3 ranks: 16 each (7+5+4, 7+5+4, 6+6+4)
+    owner = assign_owners(costs, 3)
+    assert owner == assign_owners(list(costs), 3)
+    loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(3)]
+    assert sum(loads) == sum(costs) and max(loads) <= 16 * (4 / 3 - 1 / 9)
+    rr = [sum(c for i, c in enumerate(costs) if i % 3 == r) for r in range(3)]
+    assert max(loads) < max(rr)
+    assert assign_owners([5], 4) == [0] and assign_owners([], 2) == []
+
+    from benchmarks.owner_balance import balance
+
+    shapes = [(64, 32)] * 6 + [(32, 32)] * 6  # two shapes, 12 matrices, 2 ranks: 6 matrices, 2 calls each
+    b = balance(shapes, 2)
+    assert b["lpt"] == pytest.approx(1.0) and (b["calls"], b["owned"], b["idle"]) == (2, 6, 0)
+    assert balance([(64, 32)], 4)["idle"] == 3
