@@ -431,7 +431,8 @@ def test_sharded_checkpoints_under_fsdp2_are_verified(tmp_path):
 
     from tests.dist_utils import run_distributed
 
-    run_distributed(REPO / "tests" / "dist_scripts" / "verified_dcp.py", str(tmp_path), nprocs=2, timeout=400)
+    run_distributed(REPO / "tests" / "dist_scripts" / "verified_dcp.py", str(tmp_path), nprocs=2, timeout=400,
+                    out_dir=tmp_path)
     r0, r1 = (json.loads((tmp_path / f"result_rank{r}.json").read_text()) for r in (0, 1))
     folder = tmp_path / "ckpt"
     assert r0["files"] == ["last.ckpt", "step2.ckpt", "step4.ckpt"]  # last.ckpt replaced once, nothing hidden left

@@ -30,6 +30,7 @@ from lightning_optim.checkpoint import CheckpointError, verify_checkpoint
 from lightning_optim.checkpoint_dcp import VerifiedModelParallelStrategy
 from lightning_optim.checkpoint_io import NonFiniteCheckpointError, newest_verified_checkpoint
 from tests.conformance._lightning import ConfLM, trainer
+from tests.dist_utils import finish
 
 
 def strategy(sharded: bool = True) -> VerifiedModelParallelStrategy:
@@ -118,6 +119,7 @@ def main() -> None:
     tr.fit(ConfLM(optimizer="adamw", total_steps=8), ckpt_path=full / "step2.ckpt")
     result["full_resumed_step"] = tr.global_step
     (out / f"result_rank{rank}.json").write_text(json.dumps(result, indent=1))
+    finish(out)
 
 
 if __name__ == "__main__":
