@@ -226,3 +226,16 @@ def test_step_gate_public_api():
     assert torch.equal(p.detach(), torch.ones(3)) and not StepGate.dropping(opt) and gate.dropped_steps == 1
     gate.remove()
     assert StepGate.get(opt) is None
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: LossSpikeDetector(max_consecutive=0), "max_consecutive"),
+    (lambda: LossSpikeDetector(max_rollbacks=-1), "max_rollbacks"),
+    (lambda: LossSpikeDetector(window=8, min_history=9), "min_history"),
+    (lambda: LossSpikeDetector(action="drop"), "action"),
+    (lambda: NonFiniteGuard(max_consecutive=0), "max_consecutive"),
+    (lambda: NonFiniteGuard(on_give_up="ignore"), "on_give_up"),
+])
+def test_bad_settings_are_refused_by_name(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -126,6 +126,13 @@ class LossSpikeDetector(LossWatch):
             raise ValueError(f"window must be >= 2, got {window}")
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
+        if max_consecutive < 1:
+            raise ValueError(f"LossSpikeDetector: max_consecutive must be >= 1, got {max_consecutive}")
+        if max_rollbacks < 0:
+            raise ValueError(f"LossSpikeDetector: max_rollbacks must be >= 0, got {max_rollbacks}")
+        if min_history is not None and min_history > window:
+            raise ValueError(f"LossSpikeDetector: min_history ({min_history}) cannot exceed window ({window}): "
+                             "the detector would never decide")
         if not 0 < lr_factor <= 1:
             raise ValueError(f"lr_factor must be in (0, 1], got {lr_factor}")
         if clip_factor is not None and not 0 < clip_factor <= 1:
