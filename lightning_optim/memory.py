@@ -17,12 +17,13 @@ parameters are matrices needs the model, so pass ``module=`` or ``preset=`` for 
 (the estimate says so: ``exact=False``).
 
 Quantised layouts (``bytes_per_element`` set) whose spec has a ``min_8bit_size`` default (bitsandbytes) keep
-float32 state for parameters with fewer elements than that, as bitsandbytes does; with only ``n_params``
-every parameter is assumed large enough.
+float32 state for parameters with fewer elements than that, as bitsandbytes does; torchao's low-bit AdamW
+(``OptimizerSpec.quantized_if``) keeps state like the parameter for tensors under 4096 elements or not a
+multiple of the block size; with only ``n_params`` every parameter is assumed large enough.
 
 ``state_dtype`` for an optimizer of this package that has a ``state_dtype`` option (Lion, Signum, ADOPT,
 AdEMAMix, MARS, Prodigy, the Muon family) applies to the state tensors that option stores in low precision —
-the ones its factory lists in ``lowp_state`` — and the others keep the weight dtype, as the optimizer does:
+the ones its spec lists in ``low_precision_state`` — and the others keep the weight dtype, as the optimizer does:
 ``prodigy`` with ``--state-dtype bf16`` is ``s``, ``exp_avg``, ``exp_avg_sq`` in bf16 and ``p0`` in the weight
 dtype (10 B/parameter with fp32 weights instead of 16); ``muon`` stores only the matrices' momentum in bf16.
 For other optimizers ``state_dtype`` is the dtype of all their state (torch's follow the parameter).
@@ -344,8 +345,9 @@ def estimate_memory(
 
     # quantised state (bitsandbytes) applies only from ``min_8bit_size`` elements up; smaller tensors keep fp32
     min_quantized = int(spec.defaults.get("min_8bit_size", 0) or 0) if use_shapes else 0
+    quantized_if = spec.quantized_if  # torchao: numel >= 4096 and block-aligned
     # which state tensors the optimizer's own ``state_dtype`` option lowers (the rest keep the weight dtype)
-    lowp = getattr(spec.factory, "lowp_state", None) if state_dtype is not None and "state_dtype" in spec.defaults else None
+    lowp = spec.low_precision_state if state_dtype is not None and "state_dtype" in spec.defaults else None
     state_dtypes: dict[str, str] = {}
     state: dict[str, float] = {}
     for shape, is_matrix, use_extra in per_shape:
@@ -354,6 +356,8 @@ def estimate_memory(
         elem = layout.bytes_per_element if layout.bytes_per_element is not None else sb
         if layout.bytes_per_element is not None and numel < min_quantized:
             elem = 4  # bitsandbytes keeps float32 state for tensors smaller than min_8bit_size
+        if layout.bytes_per_element is not None and use_shapes and quantized_if is not None and not quantized_if(shape):
+            elem = wb  # torchao keeps state like the parameter for small or block-misaligned tensors
         prefix = "" if spec.other_state is None else ("matrix " if is_matrix else "adamw ")
         for label, count in _state_names(spec, is_matrix):
             e = elem

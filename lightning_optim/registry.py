@@ -1,4 +1,9 @@
-"""The registry: small spec records for every optimizer and LR schedule, and the factories built on them.
+"""The registry: the tables of optimizer and LR-schedule records, their lookup, and the factories.
+
+Where things live: the records (:class:`OptimizerSpec`, :class:`SchedulerSpec`, :class:`StateLayout`) are
+defined in :mod:`lightning_optim.specs`; the built-in entries are listed in :mod:`lightning_optim.builtins`
+(imported here on the first lookup); the algorithms are classes under :mod:`lightning_optim.optim`, which
+import neither. Third parties add entries with :func:`register_optimizer` or entry points.
 
 An :class:`OptimizerSpec` says everything the rest of the package needs to know about an optimizer without
 building one: how to construct it, its published defaults, how much state it keeps per parameter (for the
@@ -25,17 +30,17 @@ zero-argument callable returning one, or a module whose import registers its opt
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
-import math
-from dataclasses import dataclass, field, replace
+import warnings
+from dataclasses import replace
 from importlib import metadata
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from lightning_optim.class_paths import import_optimizer_class
+from lightning_optim.specs import OptimizerSpec, SchedulerSpec, StateLayout, normalize_name, signature_defaults
 from lightning_optim.validation import (
     install_meta_guard,
     parameter_label,
@@ -57,93 +62,11 @@ __all__ = [
     "optimizer_info",
     "scheduler_info",
     "get_optimizer_spec",
+    "get_scheduler_spec",
     "normalize_name",
 ]
 
 ENTRY_POINT_GROUP = "lightning_optim.optimizers"
-
-
-@dataclass(frozen=True)
-class StateLayout:
-    """Optimizer state kept for one parameter, for memory accounting.
-
-    ``tensors`` parameter-sized tensors (AdamW 2, Lion 1), plus ``extra(shape)`` elements that depend on the
-    shape (SOAP's m²+n² preconditioners, NorMuon's per-row second moment), plus ``fixed`` scalar elements.
-    ``bytes_per_element`` overrides the state dtype for quantised state (8-bit AdamW: 1 byte plus block
-    scales); ``None`` means "the state dtype", usually the parameter's. ``names`` labels the
-    parameter-sized tensors (``("exp_avg", "exp_avg_sq")``) for the memory report.
-    """
-
-    tensors: float = 0.0
-    extra: Callable[[tuple[int, ...]], int] | None = None
-    bytes_per_element: float | None = None
-    names: tuple[str, ...] = ()
-
-    def numel(self, shape: Iterable[int]) -> float:
-        shape = tuple(int(s) for s in shape)
-        n = math.prod(shape) if shape else 1
-        return self.tensors * n + (self.extra(shape) if self.extra is not None else 0)
-
-    def describe(self) -> str:
-        text = "0" if not self.tensors else f"{self.tensors:g}×P"
-        if self.extra is not None:
-            text += " + " + (getattr(self.extra, "__doc__", None) or "shape-dependent").strip().lstrip("+ ")
-        if self.bytes_per_element is not None:
-            text += f" @ {self.bytes_per_element:g} B/elem"
-        return text
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """Everything known about one registered optimizer.
-
-    ``factory(param_groups, **hyperparameters)`` builds it; ``defaults`` lists *every* accepted
-    hyperparameter with its published default (the unknown-name check reads it). ``state`` is the state
-    per parameter under the main rule; for hybrids ``other_state`` is the state of parameters routed to the
-    internal AdamW. ``callbacks`` are ``"module:Class"`` paths the :class:`~lightning_optim.OptimizerMixin`
-    adds to the Trainer (schedule-free switching, Sophia's Hessian pass). ``horizon_hyperparameters`` name
-    hyperparameters whose published setting is "the run's length" (AdEMAMix's warmups): the mixin sets them
-    to the schedule's total steps when the user left them ``None``. ``supports_dtensor=False`` makes
-    :func:`create_optimizer` refuse FSDP2 ``DTensor`` parameters at construction, with ``dtensor_note`` saying
-    why and what to use instead.
-    """
-
-    name: str
-    factory: Callable[..., torch.optim.Optimizer]
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    family: str = "elementwise"
-    state: StateLayout = StateLayout()
-    other_state: StateLayout | None = None
-    hybrid: bool = False
-    routing: str = "every parameter follows the same rule"
-    paper: str = ""
-    reference: str = ""
-    description: str = ""
-    aliases: tuple[str, ...] = ()
-    callbacks: tuple[str, ...] = ()
-    schedule_free: bool = False
-    requires: str | None = None
-    accepts_extra: bool = False
-    horizon_hyperparameters: tuple[str, ...] = ()
-    supports_dtensor: bool = True
-    dtensor_note: str = ""
-
-    def state_numel(self, shape: Iterable[int], is_matrix: bool = True) -> float:
-        """State elements for a parameter of ``shape`` (routed as a matrix or not, for hybrids)."""
-        layout = self.state if (is_matrix or self.other_state is None) else self.other_state
-        return layout.numel(shape)
-
-
-@dataclass(frozen=True)
-class SchedulerSpec:
-    """A registered LR schedule: ``schedule_cls(total_steps, warmup_steps, **kw)`` is a pure function of step."""
-
-    name: str
-    schedule_cls: type
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    description: str = ""
-    aliases: tuple[str, ...] = ()
-    needs_total_steps: bool = True
 
 
 _OPTIMIZERS: dict[str, OptimizerSpec] = {}
@@ -153,15 +76,11 @@ _SCHEDULER_ALIASES: dict[str, str] = {}
 _loaded = False
 
 
-def normalize_name(name: str) -> str:
-    """Registry keys are lower case with ``-`` separators: ``SF_AdamW`` → ``sf-adamw``."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"an optimizer or schedule name must be a non-empty string, got {name!r}")
-    return name.strip().lower().replace("_", "-")
-
-
 def register_optimizer_spec(spec: OptimizerSpec, *, overwrite: bool = False) -> OptimizerSpec:
-    """Add ``spec`` to the registry (its name and aliases). Re-registering a name needs ``overwrite=True``."""
+    """Add ``spec`` to the registry (its name and aliases). Re-registering a name needs ``overwrite=True``.
+
+    The built-ins are loaded first, so a name clash with one is found whenever the registration happens."""
+    _ensure_loaded()
     key = normalize_name(spec.name)
     spec = replace(spec, name=key)
     for alias in map(normalize_name, spec.aliases):
@@ -189,6 +108,8 @@ def register_optimizer(name: str, **spec_fields: Any) -> Callable:
 
 
 def register_scheduler(spec: SchedulerSpec) -> SchedulerSpec:
+    """Add a schedule (its name and aliases); a name already taken is replaced."""
+    _ensure_loaded()
     key = normalize_name(spec.name)
     spec = replace(spec, name=key)
     _SCHEDULERS[key] = spec
@@ -206,8 +127,6 @@ def _load_entry_points() -> None:
         try:
             obj = ep.load()
         except Exception as err:  # a broken plugin is reported, not fatal for the built-ins
-            import warnings
-
             warnings.warn(f"lightning-optim: entry point {ep.name!r} failed to load: {err}", stacklevel=2)
             continue
         if callable(obj) and not isinstance(obj, OptimizerSpec) and not inspect.isclass(obj):
@@ -217,13 +136,20 @@ def _load_entry_points() -> None:
 
 
 def _ensure_loaded() -> None:
-    """Import the built-in optimizers and schedules, then third-party entry points (once)."""
+    """Add the built-in table (:mod:`lightning_optim.builtins`), then third-party entry points (once).
+
+    Imported here, on the first lookup, so that importing the package does not import every algorithm; the
+    built-ins do not import this module, so the import graph stays acyclic."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    importlib.import_module("lightning_optim.optim")
-    importlib.import_module("lightning_optim.schedules")
+    from lightning_optim import builtins
+
+    for spec in builtins.OPTIMIZERS:
+        register_optimizer_spec(spec)
+    for schedule in builtins.SCHEDULERS:
+        register_scheduler(schedule)
     _load_entry_points()
 
 
@@ -261,23 +187,12 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
 
 
 def _spec_from_class(path: str, cls: type) -> OptimizerSpec:
-    params = inspect.signature(cls.__init__).parameters
-    defaults = {
-        k: (None if p.default is inspect.Parameter.empty else p.default)
-        for k, p in list(params.items())[2:]  # skip self, params
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-    accepts_extra = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    defaults, accepts_extra = signature_defaults(cls)
     return OptimizerSpec(
         name=path, factory=cls, defaults=defaults, family="external", reference=path,
         description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
         accepts_extra=accepts_extra, state=StateLayout(float("nan")),
     )
-
-
-def optimizer_info(name: str) -> OptimizerSpec:
-    """The registered spec: factory, defaults, state per parameter, routing, paper and reference."""
-    return get_optimizer_spec(name)
 
 
 def get_scheduler_spec(name: str) -> SchedulerSpec:
@@ -289,6 +204,8 @@ def get_scheduler_spec(name: str) -> SchedulerSpec:
     return _SCHEDULERS[key]
 
 
+#: The public names (``lightning_optim.optimizer_info``, ``lightning_optim.scheduler_info``): the same lookups.
+optimizer_info = get_optimizer_spec
 scheduler_info = get_scheduler_spec
 
 

@@ -32,8 +32,6 @@ from typing import Any, Callable
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_optim.registry import SchedulerSpec, register_scheduler
-
 __all__ = [
     "Schedule",
     "ConstantSchedule",
@@ -278,22 +276,3 @@ class ScheduledLR(LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-
-def _spec(cls: type[Schedule], description: str, **defaults: Any) -> SchedulerSpec:
-    return SchedulerSpec(
-        name=cls.name, schedule_cls=cls, defaults=defaults, description=description,
-        needs_total_steps=cls.needs_total_steps,
-    )
-
-
-register_scheduler(_spec(ConstantSchedule, "warmup, then the peak lr"))
-register_scheduler(_spec(CosineSchedule, "warmup, cosine to final_fraction·peak", final_fraction=0.01))
-register_scheduler(_spec(LinearSchedule, "warmup, straight line to final_fraction·peak", final_fraction=0.001))
-register_scheduler(
-    _spec(
-        WSDSchedule, "warmup, stable, then a cooldown over the last decay_fraction (linear/cosine/sqrt)",
-        decay_fraction=0.2, final_fraction=0.0, cooldown_shape="sqrt", cooldown_start=None,
-    )
-)
-register_scheduler(_spec(InverseSqrtSchedule, "warmup, then sqrt(τ/t)", timescale=None))

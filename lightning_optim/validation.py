@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # the registry imports this module, not the other way round
-    from lightning_optim.registry import OptimizerSpec
+if TYPE_CHECKING:
+    from lightning_optim.specs import OptimizerSpec
 
 __all__ = [
     "check_value",

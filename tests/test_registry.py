@@ -535,3 +535,40 @@ def test_checkpoint_holding_an_optim_config_object_is_refused_at_configure(recor
         with pytest.raises(ValueError, match="'lo_probe_mod.ProbeSGD' names module 'lo_probe_mod'"):
             hook()
     assert not recording_module.exists() and "lo_probe_mod" not in sys.modules
+
+
+def test_builtin_defaults_are_the_class_signature_plus_written_overrides():
+    """One source per default: a built-in's registered defaults are its class's signature defaults, except
+    the overrides the table writes down, and an override that restates the class is refused."""
+    from lightning_optim import builtins
+    from lightning_optim.optim.muon import Muon
+    from lightning_optim.specs import signature_defaults
+
+    muon, d_muon = lo.optimizer_info("muon"), lo.optimizer_info("d-muon")
+    assert muon.factory is Muon and d_muon.factory is Muon  # a variant is the same class, other defaults
+    assert dict(muon.defaults) == signature_defaults(Muon)[0]
+    assert d_muon.defaults["lr"] == 1e-3 and d_muon.defaults["adjust_lr"] == "match_rms_adamw"
+    assert {k for k in d_muon.defaults if d_muon.defaults[k] != muon.defaults[k]} == {
+        "lr", "weight_decay", "adjust_lr", "adamw_lr", "adamw_weight_decay"}
+    assert lo.optimizer_info("adamw").defaults["weight_decay"] == 0.1  # torch's own is 0.01
+    assert "decoupled_weight_decay" not in lo.optimizer_info("adam").defaults  # hidden: that is adamw
+    with pytest.raises(ValueError, match=r"'x'.*override momentum=0.95 repeats Muon's default"):
+        builtins.optimizer("x", Muon, overrides={"lr": 1e-3, "momentum": 0.95})
+    with pytest.raises(ValueError, match=r"override 'lrr' is not a parameter of Muon"):
+        builtins.optimizer("x", Muon, overrides={"lrr": 1.0})
+    with pytest.raises(ValueError, match="defaults in full"):
+        builtins.optimizer("x", None)
+
+
+def test_builtins_are_loaded_before_a_user_registration(monkeypatch):
+    """A user's registration that reuses a built-in name is refused even as the very first registry call."""
+    from lightning_optim import registry
+
+    monkeypatch.setattr(registry, "_OPTIMIZERS", {})
+    monkeypatch.setattr(registry, "_OPTIMIZER_ALIASES", {})
+    monkeypatch.setattr(registry, "_SCHEDULERS", {})
+    monkeypatch.setattr(registry, "_SCHEDULER_ALIASES", {})
+    monkeypatch.setattr(registry, "_loaded", False)
+    with pytest.raises(ValueError, match="'adamw' is already registered"):
+        lo.register_optimizer("adamw", defaults={"lr": 1.0})(lambda groups, lr: torch.optim.SGD(groups, lr=lr))
+    assert lo.optimizer_info("adamw").factory is not None and "sgd" in lo.available_optimizers()

@@ -1,24 +1,8 @@
-"""Built-in optimizers. Importing a module registers its optimizers with the registry.
+"""The algorithms: one module per optimizer family, each defining optimizer classes and nothing else.
 
-One file per algorithm family; shared kernels (Newton–Schulz, foreach helpers) live beside them in
-files starting with ``_`` or named for the kernel.
+Nothing is imported here and no module registers itself: the registry's entries (names, defaults, state
+layouts, papers) are listed in :mod:`lightning_optim.builtins`. Shared pieces live beside the algorithms:
+the elementwise base class and foreach buckets (``_foreach_utils``), low-precision state (``_low_precision``),
+the hybrid matrix/AdamW base (``_hybrid``), sharded matrix handling (``_matrix_dist``), Newton-Schulz
+(``newton_schulz``) and the schedule-free core (``_schedule_free``).
 """
-
-from lightning_optim.optim import torch_builtin  # noqa: F401  adamw adam sgd adafactor
-
-# elementwise family (issue 3): one import line per module
-from lightning_optim.optim import lion  # noqa: F401
-from lightning_optim.optim import signum  # noqa: F401
-from lightning_optim.optim import adopt  # noqa: F401
-from lightning_optim.optim import ademamix  # noqa: F401
-from lightning_optim.optim import mars  # noqa: F401
-from lightning_optim.optim import prodigy  # noqa: F401
-from lightning_optim.optim import sf_adamw  # noqa: F401
-from lightning_optim.optim import adamw8bit  # noqa: F401
-
-# matrix family (issue 4): one import line per module
-from lightning_optim.optim import soap  # noqa: F401  soap
-from lightning_optim.optim import sophia  # noqa: F401  sophia (sophia-g)
-from lightning_optim.optim import muon  # noqa: F401  muon d-muon
-from lightning_optim.optim import normuon  # noqa: F401  normuon
-from lightning_optim.optim import sf_normuon  # noqa: F401  sf-normuon

@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
-from lightning_optim.optim._low_precision import lowp_state, store, up
-from lightning_optim.registry import StateLayout, register_optimizer
+from lightning_optim.optim._low_precision import store, up
 
 __all__ = ["AdEMAMix", "alpha_schedule", "beta3_schedule"]
 
@@ -120,19 +119,3 @@ class AdEMAMix(ElementwiseOptimizer):
         if wd != 0:
             torch._foreach_mul_(b.params, 1.0 - lr * wd)
         torch._foreach_addcdiv_(b.params, num, denom, value=-lr * math.sqrt(bc2) / bc1)
-
-
-@register_optimizer(
-    "ademamix",
-    defaults={"lr": 1e-3, "betas": (0.9, 0.999), "beta3": 0.999, "alpha": 8.0, "eps": 1e-8,
-              "weight_decay": 0.1, "alpha_warmup": None, "beta3_warmup": None, "compiled": "auto",
-              "state_dtype": None},
-    state=StateLayout(3, names=("exp_avg", "exp_avg_slow", "exp_avg_sq")),
-    paper="Pagliardini, Ablin & Grangier 2024, The AdEMAMix Optimizer (arXiv 2409.03137)",
-    reference="apple/ml-ademamix pytorch/ademamix.py",
-    description="AdamW plus a slow EMA of the gradient (β3) mixed in with weight α",
-    horizon_hyperparameters=("alpha_warmup", "beta3_warmup"),
-)
-@lowp_state(("exp_avg", "exp_avg_slow", "exp_avg_sq"))
-def ademamix(params: list[dict[str, Any]], **hp: Any) -> AdEMAMix:
-    return AdEMAMix(params, **hp)

@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
-from lightning_optim.optim._low_precision import lowp_state, store, up
-from lightning_optim.registry import StateLayout, register_optimizer
+from lightning_optim.optim._low_precision import store, up
 
 __all__ = ["ADOPT"]
 
@@ -102,17 +101,3 @@ class ADOPT(ElementwiseOptimizer):
         torch._foreach_add_(b.params, m, alpha=-lr)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
-
-
-@register_optimizer(
-    "adopt",
-    defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.1, "clip_exponent": 0.25,
-              "decouple": True, "compiled": "auto", "state_dtype": None},
-    state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
-    paper="Taniguchi et al. 2024, ADOPT: Modified Adam Can Converge with Any β2 (arXiv 2411.02853)",
-    reference="iShohei220/adopt adopt.py (clamp schedule stored as a number here, not a lambda)",
-    description="Adam variant: normalise by the previous second moment, then momentum; clamped",
-)
-@lowp_state(("exp_avg", "exp_avg_sq"))
-def adopt(params: list[dict[str, Any]], **hp: Any) -> ADOPT:
-    return ADOPT(params, **hp)

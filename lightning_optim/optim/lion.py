@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
-from lightning_optim.optim._low_precision import lowp_state, store, up
-from lightning_optim.registry import StateLayout, register_optimizer
+from lightning_optim.optim._low_precision import store, up
 
 __all__ = ["Lion"]
 
@@ -62,16 +61,3 @@ class Lion(ElementwiseOptimizer):
             torch._foreach_mul_(b.params, 1.0 - lr * wd)
         torch._foreach_add_(b.params, u, alpha=-lr)
         torch._foreach_lerp_(m, b.grads, 1.0 - beta2)
-
-
-@register_optimizer(
-    "lion",
-    defaults={"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1, "compiled": "auto", "state_dtype": None},
-    state=StateLayout(1, names=("exp_avg",)),
-    paper="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms (arXiv 2302.06675)",
-    reference="google/automl lion/lion_pytorch.py; lucidrains/lion-pytorch",
-    description="sign of interpolated momentum; 1 state tensor",
-)
-@lowp_state(("exp_avg",))
-def lion(params: list[dict[str, Any]], **hp: Any) -> Lion:
-    return Lion(params, **hp)

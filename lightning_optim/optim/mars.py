@@ -48,8 +48,7 @@ from lightning_optim.optim._foreach_utils import (
     is_dtensor,
     local,
 )
-from lightning_optim.optim._low_precision import lowp_state, store, up
-from lightning_optim.registry import StateLayout, register_optimizer
+from lightning_optim.optim._low_precision import store, up
 
 __all__ = ["MARS"]
 
@@ -89,6 +88,7 @@ class MARS(ElementwiseOptimizer):
     """MARS-AdamW on matrices (variance-reduced, norm-clipped gradient), AdamW on the rest."""
 
     state_names = ("exp_avg", "exp_avg_sq")  # + last_grad for matrices
+    extra_state_names = ("last_grad",)
 
     def __init__(self, params: Any, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99),
                  gamma: float = 0.025, eps: float = 1e-8, weight_decay: float = 0.1, adamw_lr: float = 1e-3,
@@ -122,7 +122,7 @@ class MARS(ElementwiseOptimizer):
                          state_dtype)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        names = self.state_names + (("last_grad",) if group["matrix"] else ())
+        names = self.state_names + (self.extra_state_names if group["matrix"] else ())
         return {n: self._state_zeros(p, group, n) for n in names}
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
@@ -191,20 +191,3 @@ class MARS(ElementwiseOptimizer):
             for j, i in enumerate(sharded):
                 norms[i] = sq[j].sqrt().to(norms[i].dtype)
         return norms
-
-
-@register_optimizer(
-    "mars",
-    defaults={"lr": 3e-3, "betas": (0.95, 0.99), "gamma": 0.025, "eps": 1e-8, "weight_decay": 0.1,
-              "adamw_lr": 1e-3, "adamw_betas": (0.9, 0.999), "compiled": "auto", "state_dtype": None},
-    state=StateLayout(3, names=("exp_avg", "exp_avg_sq", "last_grad")),
-    other_state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
-    hybrid=True,
-    routing="matrices (>=2-D, not embedding/head) → MARS-AdamW; the rest → AdamW (adamw_lr, adamw_betas)",
-    paper="Yuan et al. 2024, MARS: Unleashing the Power of Variance Reduction for Training Large Models (arXiv 2411.10438)",
-    reference="AGI-Arena/MARS mars.py (last_grad kept as a copy here, not a reference to p.grad)",
-    description="variance-reduced AdamW on matrices, AdamW on the rest",
-)
-@lowp_state(("exp_avg", "exp_avg_sq", "last_grad"), ("exp_avg", "exp_avg_sq"))
-def mars(params: list[dict[str, Any]], **hp: Any) -> MARS:
-    return MARS(params, **hp)

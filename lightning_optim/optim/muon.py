@@ -38,10 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optim.optim._hybrid import ADAMW_ROUTING, HybridMatrixOptimizer
-from lightning_optim.optim._low_precision import lowp_state
+from lightning_optim.optim._hybrid import HybridMatrixOptimizer
 from lightning_optim.optim._matrix_dist import MatrixMeta, local
-from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["Muon", "muon_scale"]
 
@@ -101,44 +99,3 @@ class Muon(HybridMatrixOptimizer):
             torch._foreach_mul_(pl, 1.0 - lr * wd)
         torch._foreach_mul_(upd, [-lr * muon_scale(group["adjust_lr"], m.rows, m.cols) for m in metas])
         torch._foreach_add_(pl, upd)
-
-
-_COMMON = dict(
-    family="matrix",
-    hybrid=True,
-    state=StateLayout(1, names=("momentum_buffer",)),
-    other_state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
-    routing=ADAMW_ROUTING,
-    reference="torch.optim.Muon (torch/optim/_muon.py); github.com/KellerJordan/Muon",
-)
-
-
-@register_optimizer(
-    "muon",
-    defaults={"lr": 0.01, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
-              "ns_coefficients": "jordan", "adjust_lr": "original", "eps": 1e-7, "adamw_lr": 1e-3,
-              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": 0.1, "distributed": None,
-              "state_dtype": None},
-    paper="Jordan et al. 2024, Muon: An optimizer for hidden layers in neural networks",
-    description="momentum orthogonalised by Newton–Schulz for hidden matrices; AdamW (own lr/betas) for the rest",
-    **_COMMON,
-)
-@lowp_state(("momentum_buffer",))
-def muon(params: Any, **hp: Any) -> Muon:
-    return Muon(params, **hp)
-
-
-@register_optimizer(
-    "d-muon",
-    defaults={"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
-              "ns_coefficients": "jordan", "adjust_lr": "match_rms_adamw", "eps": 1e-7, "adamw_lr": None,
-              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": None, "distributed": None,
-              "state_dtype": None},
-    paper="Liu et al. 2025, Muon is Scalable for LLM Training (arXiv 2502.16982)",
-    description="Muon with decoupled weight decay and the 0.2·sqrt(max(rows, cols)) scale: AdamW's lr/wd carry over",
-    aliases=("dmuon", "moonlight-muon"),
-    **_COMMON,
-)
-@lowp_state(("momentum_buffer",))
-def d_muon(params: Any, **hp: Any) -> Muon:
-    return Muon(params, **hp)

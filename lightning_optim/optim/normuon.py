@@ -30,19 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optim.optim._hybrid import ADAMW_ROUTING, HybridMatrixOptimizer, state_like_rows
-from lightning_optim.optim._low_precision import lowp_state
+from lightning_optim.optim._hybrid import HybridMatrixOptimizer, state_like_rows
 from lightning_optim.optim._matrix_dist import MatrixMeta, global_sq_norms, local
-from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["NorMuon", "row_normalize"]
 
 _ADJUST = ("paper", "official")
-
-
-def _rows(shape: tuple[int, ...]) -> int:
-    """+ rows (per-row second moment)"""
-    return int(shape[0]) if shape else 1
 
 
 def row_normalize(O: list[Tensor], v: list[Tensor], beta2: float, eps: float) -> list[Tensor]:
@@ -104,23 +97,3 @@ class NorMuon(HybridMatrixOptimizer):
             torch._foreach_mul_(pl, 1.0 - lr * wd)
         for x, o, s in zip(pl, Oh, scales):
             x.add_((o * (s * -lr)).view(x.shape).to(x.dtype))
-
-
-@register_optimizer(
-    "normuon",
-    defaults={"lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "beta2": 0.95, "eps": 1e-10,
-              "ns_steps": 5, "ns_coefficients": "jordan", "adjust_lr": "paper", "adamw_lr": None,
-              "adamw_betas": (0.8, 0.999), "adamw_eps": 1e-8, "adamw_weight_decay": None, "distributed": None,
-              "state_dtype": None},
-    family="matrix",
-    hybrid=True,
-    state=StateLayout(1, extra=_rows, names=("momentum_buffer",)),
-    other_state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
-    routing=ADAMW_ROUTING,
-    paper="Li et al. 2025, NorMuon: Making Muon more efficient and scalable (arXiv 2510.05491)",
-    reference="github.com/zichongli5/NorMuon",
-    description="Muon + per-row second-moment normalisation of the orthogonalised update (RMS 0.2 by default)",
-)
-@lowp_state(("momentum_buffer",))
-def normuon(params: Any, **hp: Any) -> NorMuon:
-    return NorMuon(params, **hp)

@@ -39,8 +39,7 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import ElementwiseOptimizer, check_betas, check_nonneg, is_dtensor, local
-from lightning_optim.optim._low_precision import lowp_state, store, up
-from lightning_optim.registry import StateLayout, register_optimizer
+from lightning_optim.optim._low_precision import store, up
 
 __all__ = ["Prodigy"]
 
@@ -54,7 +53,7 @@ def prodigy_sums_kernel(p: torch.Tensor, g: torch.Tensor, s: torch.Tensor, p0: t
     g = up(g)
     dot = ((up(p0) - up(p)) * g).sum(dtype=torch.float64)
     s_new = up(s) * beta3 + s_coef * g
-    store(s, s_new, seed, 2)
+    store(s, s_new, seed, 0)
     return dot, s_new.abs().sum(dtype=torch.float64)
 
 
@@ -67,8 +66,8 @@ def prodigy_update_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: 
     m_new = up(m) * beta1 + g * c_m
     v_new = up(v) * beta2 + g * c_v * g
     p.copy_(up(p) * decay + neg_dlr * m_new / (torch.sqrt(v_new) + c_eps))
-    store(m, m_new, seed, 0)
-    store(v, v_new, seed, 1)
+    store(m, m_new, seed, 2)  # slots: indices in state_names (s, p0, exp_avg, exp_avg_sq)
+    store(v, v_new, seed, 3)
 
 
 class Prodigy(ElementwiseOptimizer):
@@ -249,18 +248,3 @@ class Prodigy(ElementwiseOptimizer):
 def _sum_of_dots(grads: list[torch.Tensor], diff: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
     torch._foreach_mul_(diff, grads)
     return torch.stack([t.sum(dtype=torch.float64) if t.device.type != "mps" else t.sum() for t in diff]).sum().to(dev)
-
-
-@register_optimizer(
-    "prodigy",
-    defaults={"lr": 1.0, "betas": (0.9, 0.999), "beta3": None, "eps": 1e-8, "weight_decay": 0.1,
-              "use_bias_correction": True, "safeguard_warmup": False, "d0": 1e-6, "d_coef": 1.0,
-              "growth_rate": math.inf, "decouple": True, "compiled": "auto", "state_dtype": None},
-    state=StateLayout(4, names=("s", "p0", "exp_avg", "exp_avg_sq")),
-    paper="Mishchenko & Defazio 2023, Prodigy: An Expeditiously Adaptive Parameter-Free Learner (arXiv 2306.06101)",
-    reference="konstmish/prodigy prodigyopt/prodigy.py",
-    description="Adam with a learned step size d (lr ≈ 1); device-side estimate, one all-reduce per step",
-)
-@lowp_state(Prodigy.lowp_names)
-def prodigy(params: list[dict[str, Any]], **hp: Any) -> Prodigy:
-    return Prodigy(params, **hp)

@@ -45,10 +45,9 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
-from lightning_optim.optim._low_precision import lowp_state, store, up
+from lightning_optim.optim._low_precision import store, up
 from lightning_optim.optim._schedule_free import (ScheduleFreeModes, check_schedule_free, clock_defaults,
                                                   sf_adamw_update, tick)
-from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["AdamWScheduleFree"]
 
@@ -64,7 +63,7 @@ def sf_adamw_kernel(y: torch.Tensor, g: torch.Tensor, z: torch.Tensor, v: torch.
     u = g / (torch.sqrt(v_new) * inv_sqrt_bc2 + eps) + wd * y32
     y.copy_(y32 + ckp1 * (z32 - y32) + y_coef * u)
     z.copy_(z32 + neg_lr * u)
-    store(v, v_new, seed)
+    store(v, v_new, seed, 1)  # slot: index in state_names
 
 
 class AdamWScheduleFree(ScheduleFreeModes, ElementwiseOptimizer):
@@ -120,20 +119,3 @@ class AdamWScheduleFree(ScheduleFreeModes, ElementwiseOptimizer):
                                 betas=(beta1, beta2), eps=group["eps"], weight_decay=group["weight_decay"])
 
             self._update_eager(group, b, eager)
-
-
-@register_optimizer(
-    "sf-adamw",
-    defaults={"lr": 1e-3, "betas": (0.9, 0.9999), "eps": 1e-8, "weight_decay": 0.1, "warmup_steps": 2000,
-              "r": 0.0, "weight_lr_power": 2.0, "compiled": "auto", "state_dtype": None},
-    state=StateLayout(2, names=("z", "exp_avg_sq")),
-    paper="Defazio et al. 2024, The Road Less Scheduled (arXiv 2405.15682)",
-    reference="facebookresearch/schedule_free schedulefree/adamw_schedulefree.py",
-    description="schedule-free AdamW: no LR schedule; eval mode (x) for validation and checkpoints",
-    aliases=("schedule-free-adamw", "adamw-schedule-free"),
-    callbacks=("lightning_optim.callbacks.schedule_free:ScheduleFreeSwitch",),
-    schedule_free=True,
-)
-@lowp_state(AdamWScheduleFree.lowp_names)
-def sf_adamw(params: list[dict[str, Any]], **hp: Any) -> AdamWScheduleFree:
-    return AdamWScheduleFree(params, **hp)

@@ -34,19 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optim.optim._hybrid import ADAMW_ROUTING, HybridMatrixOptimizer, state_like_rows
+from lightning_optim.optim._hybrid import HybridMatrixOptimizer, state_like_rows
 from lightning_optim.optim._matrix_dist import MatrixMeta, local
 from lightning_optim.optim._schedule_free import (ScheduleFreeModes, apply_direction, check_schedule_free,
                                                   clock_defaults, sf_adamw_update, tick)
 from lightning_optim.optim.normuon import normuon_scales, row_normalize
-from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["SFNorMuon"]
-
-
-def _rows(shape: tuple[int, ...]) -> int:
-    """+ rows (per-row second moment)"""
-    return int(shape[0]) if shape else 1
 
 
 class SFNorMuon(ScheduleFreeModes, HybridMatrixOptimizer):
@@ -116,25 +110,3 @@ class SFNorMuon(ScheduleFreeModes, HybridMatrixOptimizer):
                         [local(self.state[p]["z"]) for p in ps], [local(self.state[p]["exp_avg_sq"]) for p in ps],
                         lr=lr_t, c=c, t=t, betas=group["betas"], eps=group["eps"],
                         weight_decay=group["weight_decay"], decay_at_z=True)
-
-
-@register_optimizer(
-    "sf-normuon",
-    defaults={"lr": 1e-3, "betas": (0.9, 0.95), "momentum": 0.8, "weight_decay": 0.05, "eps": 1e-10,
-              "warmup_steps": 2000, "r": 0.0, "weight_lr_power": 2.0, "ns_steps": 5, "ns_coefficients": "jordan",
-              "adamw_lr": None, "adamw_betas": (0.9, 0.9999), "adamw_eps": 1e-8, "adamw_weight_decay": None,
-              "distributed": None},
-    family="matrix",
-    hybrid=True,
-    state=StateLayout(2, extra=_rows, names=("z", "momentum_buffer")),
-    other_state=StateLayout(2, names=("z", "exp_avg_sq")),
-    routing=ADAMW_ROUTING.replace("internal AdamW", "internal schedule-free AdamW (decay at z)"),
-    paper="Apte et al. 2026, Anytime Training with Schedule-Free Spectral Optimization (arXiv 2605.23061)",
-    reference="facebookresearch/schedule_free (SF iterates); github.com/zichongli5/NorMuon (row normalisation)",
-    description="schedule-free NorMuon: no LR schedule, optimizer.train()/eval() switch y ↔ x",
-    aliases=("sfnormuon", "schedule-free-normuon"),
-    schedule_free=True,
-    callbacks=("lightning_optim.callbacks.schedule_free:ScheduleFreeSwitch",),
-)
-def sf_normuon(params: Any, **hp: Any) -> SFNorMuon:
-    return SFNorMuon(params, **hp)

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_nonneg
-from lightning_optim.optim._low_precision import lowp_state, store, up
-from lightning_optim.registry import StateLayout, register_optimizer
+from lightning_optim.optim._low_precision import store, up
 
 __all__ = ["Signum"]
 
@@ -71,17 +70,3 @@ class Signum(ElementwiseOptimizer):
         if wd != 0:
             torch._foreach_mul_(b.params, 1.0 - lr * wd)
         torch._foreach_add_(b.params, d, alpha=-lr)
-
-
-@register_optimizer(
-    "signum",
-    defaults={"lr": 1e-3, "momentum": 0.95, "nesterov": True, "weight_decay": 0.1, "compiled": "auto",
-              "state_dtype": None},
-    state=StateLayout(1, names=("momentum_buffer",)),
-    paper="Bernstein et al. 2018, signSGD: Compressed Optimisation for Non-Convex Problems (arXiv 1802.04434)",
-    reference="epfml/llm-optimizer-benchmark (buffer initialised at zeros here, as in the paper)",
-    description="sign of Nesterov momentum; 1 state tensor",
-)
-@lowp_state(("momentum_buffer",))
-def signum(params: list[dict[str, Any]], **hp: Any) -> Signum:
-    return Signum(params, **hp)

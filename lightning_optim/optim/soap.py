@@ -71,7 +71,6 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from lightning_optim.registry import StateLayout, register_optimizer
 
 __all__ = ["SOAP", "soap_work_shape"]
 
@@ -123,12 +122,6 @@ def soap_work_shape(
         return shape, (bool(precondition_1d) and shape[0] <= max_precond_dim,)
     work = _merge_dims(shape, max_precond_dim) if merge_dims else shape
     return work, tuple(d <= max_precond_dim for d in work)
-
-
-def _soap_extra(shape: tuple[int, ...]) -> int:
-    """2·Σ d_i² over preconditioned dims (GG_i and Q_i)"""
-    work, pre = soap_work_shape(shape)
-    return 2 * sum(d * d for d, flag in zip(work, pre) if flag)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,21 +487,3 @@ class SOAP(torch.optim.Optimizer):
             torch._foreach_mul_(targets, 1 - decay)
         for t, w in writeback:
             t.copy_(w)
-
-
-@register_optimizer(
-    "soap",
-    defaults={
-        "lr": 1e-3, "betas": (0.9, 0.999), "shampoo_beta": None, "eps": 1e-8, "weight_decay": 0.1,
-        "precondition_frequency": 10, "max_precond_dim": 10000, "merge_dims": False, "precondition_1d": False,
-        "normalize_grads": False, "correct_bias": True, "matmul_dtype": None,
-    },
-    family="matrix",
-    state=StateLayout(2, extra=_soap_extra, names=("exp_avg", "exp_avg_sq")),
-    paper="Vyas et al. 2024, SOAP: Improving and Stabilizing Shampoo using Adam (arXiv 2409.11321)",
-    reference="https://github.com/nikhilvyas/SOAP (soap.py)",
-    description="Adam in the eigenbasis of Shampoo's factors; batched eigh/QR refreshes every "
-    "precondition_frequency steps",
-)
-def soap(params: list[dict[str, Any]], **hp: Any) -> SOAP:
-    return SOAP(params, **hp)

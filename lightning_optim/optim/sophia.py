@@ -36,8 +36,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from lightning_optim.registry import StateLayout, register_optimizer
-
 __all__ = ["SophiaG"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -204,22 +202,3 @@ def _sophia_update(params, grads, ms, hs, group, foreach: bool) -> None:
             if w is not p:
                 p.copy_(w)
 
-
-@register_optimizer(
-    "sophia",
-    defaults={
-        "lr": 1e-3, "betas": (0.9, 0.999), "rho": 0.04, "weight_decay": 0.1, "bs": None,
-        "hessian_interval": 10, "maximize": False, "foreach": None,
-    },
-    family="second-order",
-    state=StateLayout(2, names=("exp_avg", "hessian")),
-    paper="Liu et al. 2023, Sophia: A Scalable Stochastic Second-order Optimizer for Language Model "
-    "Pre-training (arXiv 2305.14342)",
-    reference="https://github.com/Liuhong99/Sophia (sophia.py, train_sophiag.py)",
-    description="clipped diagonal Newton step; Gauss–Newton–Bartlett Hessian every hessian_interval steps "
-    "(SophiaHessian callback, needs the model's logits_for_batch)",
-    aliases=("sophia-g", "sophiag"),
-    callbacks=("lightning_optim.callbacks.sophia_hessian:SophiaHessian",),
-)
-def sophia(params: list[dict[str, Any]], **hp: Any) -> SophiaG:
-    return SophiaG(params, **hp)
