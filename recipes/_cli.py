@@ -40,15 +40,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked DataLoader wo
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
 
 from _layering import TORCH_FIELDS, layer_optim_settings  # noqa: E402
 from _resume import checkpoint_dirs, resolve_last_checkpoint  # noqa: E402
+from lightning_optim.callbacks.collective_timeout import CollectiveTimeoutReport  # noqa: E402
 from lightning_optim.callbacks.gradient_clipping import GradientClipping  # noqa: E402
 from lightning_optim.callbacks.layer_norms import LayerNormMonitor  # noqa: E402
 from lightning_optim.callbacks.loss_spike import LossSpikeDetector  # noqa: E402
 from lightning_optim.callbacks.non_finite import NonFiniteGuard  # noqa: E402
 from lightning_optim.callbacks.step_progress import StepProgressBar  # noqa: E402
+from lightning_optim.checkpoint_io import VerifiedCheckpointIO  # noqa: E402
 from lightning_optim.data.datamodule import TokenDataModule, batch_geometry  # noqa: E402
 from lightning_optim.mixin import OptimConfig  # noqa: E402
 from lightning_optim.models.module import LanguageModel  # noqa: E402
@@ -232,6 +235,7 @@ class RecipeCLI(LightningCLI):
             callbacks.append(cb)
         if config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())
+        callbacks.append(CollectiveTimeoutReport())
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         trainer_config["plugins"] = _with_checkpoint_io(trainer_config.get("plugins"))
         trainer = self._instantiate_trainer(trainer_config, callbacks)
@@ -278,14 +282,8 @@ class RecipeCLI(LightningCLI):
 
 def _with_checkpoint_io(plugins: Any) -> list[Any]:
     """The recipe's plugins with a verifying checkpoint writer unless the user gave their own CheckpointIO."""
-    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-
     items = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if not any(isinstance(p, CheckpointIO) for p in items):
-        try:
-            from lightning_optim.checkpoint_io import VerifiedCheckpointIO
-        except ImportError:  # pragma: no cover - until the plugin exists
-            return items
         items.append(VerifiedCheckpointIO())
     return items
 

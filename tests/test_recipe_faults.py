@@ -1,0 +1,80 @@
+"""Distributed faults in a recipe run: a rank that is stopped (SIGSTOP) or killed (SIGKILL) mid-training makes
+the run fail within ``--dist_timeout`` (not Lightning's 30-minute default), with a message naming the collective,
+and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.recipe_runner import RECIPES, env, size_override
+
+TIMEOUT_S = 8
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _start(tmp_path: Path, cache: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / "run.log"
+    args = [*size_override(cache, steps=100000, global_batch=4), "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2", "--dist_timeout", str(TIMEOUT_S), "--trainer.enable_progress_bar", "false",
+            "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false", "--data.val_every_n_steps", "100000",
+            "--trainer.log_every_n_steps", "1", "--trainer.logger", "false", "--norms.enabled", "false"]
+    proc = subprocess.Popen([sys.executable, str(RECIPES / "tiny.py"), *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env(), cwd=tmp_path)
+    return proc, log
+
+
+def _wait_training(proc: subprocess.Popen, log: Path, limit: float = 240) -> int:
+    """The rank-1 child's pid, once both ranks are past a few optimizer steps."""
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        kids = _children(proc.pid)
+        if kids and "run:\n  devices" in log.read_text():
+            time.sleep(3)  # a few steps
+            return kids[0]
+        time.sleep(0.5)
+    raise AssertionError("training did not start: " + log.read_text()[-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_stuck_or_dead_rank_fails_the_run_within_the_timeout(sig, tmp_path, tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("fault_cache"))
+    # build the data cache once in one process, so the two ranks only read it
+    subprocess.run([sys.executable, str(RECIPES / "tiny.py"), *size_override(cache, steps=1), "--trainer.logger",
+                    "false", "--trainer.enable_progress_bar", "false", "--checkpoint.save_last", "false",
+                    "--checkpoint.save_top_k", "0"], env=env(), cwd=tmp_path, check=True, capture_output=True,
+                   timeout=300)
+    proc, log = _start(tmp_path, cache)
+    child = _wait_training(proc, log)
+    os.kill(child, sig)
+    stopped_at = time.time()
+    try:
+        proc.wait(timeout=TIMEOUT_S + 90)
+        elapsed = time.time() - stopped_at
+    finally:
+        for pid in [child, proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    text = log.read_text()
+    assert proc.returncode != 0, text[-3000:]
+    assert elapsed < TIMEOUT_S + 90, elapsed
+    if sig == signal.SIGSTOP:  # the survivor waited out the timeout, and says where
+        assert elapsed >= TIMEOUT_S - 1
+        assert f"rank 0 of 2 gave up after {TIMEOUT_S:g} s waiting in" in text, text[-3000:]
