@@ -1,6 +1,13 @@
 """Collectives and Newton–Schulz calls per optimizer step under FSDP2 on 2 CPU ranks: ours vs torch.optim.Muon.
 
     torchrun --nproc_per_node=2 benchmarks/comm_count.py [--layers 6 --width 512 --vocab 8192]
+    torchrun --nproc_per_node=2 benchmarks/comm_count.py --validate    # then with --nproc_per_node=4
+
+``--validate`` measures, for AdamW, Muon, NorMuon and SOAP under DDP-style replicas (plain tensors), FSDP2
+(1-D mesh) and, on 4 ranks, HSDP (2 x 2 mesh), every collective one ``optimizer.step()`` issues and the
+receive-buffer bytes of the ones issued directly, on a small model with uneven row shards, and compares them
+with ``benchmarks/comm_model.py``'s prediction for the same shapes (``optimizer_comm``). Each launch adds its
+rows to ``benchmarks/results/comm_model_validation.md`` (2 ranks replace the file, 4 ranks append).
 
 The model is the 23M Llama-style GPT shape (6 layers, width 512, vocab 8192), ``fully_shard`` per block and on
 the root. One warm-up step, then one measured ``optimizer.step()``: collectives issued directly through
@@ -100,13 +107,112 @@ def measure(args, label, make_opt):
             "ns_calls": CommCounter.ns_calls, "ns_matrices": CommCounter.ns_matrices, "matrices": n_matrix}
 
 
+class ByteCounter(DirectCounter):
+    """Also records each direct collective's receive-buffer bytes, in call order."""
+
+    def __enter__(self):
+        super().__enter__()
+        self.buffers = []
+        for n in ("all_gather_into_tensor", "all_to_all_single", "all_reduce"):
+            f = self.orig[n]
+
+            def wrap(out, *a, _f=f, _n=n, **k):
+                self.counts[_n] += 1
+                self.buffers.append((_n, out.numel() * out.element_size()))
+                return _f(out, *a, **k)
+
+            setattr(dist, n, wrap)
+        return self
+
+
+VALIDATION_CFG = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=256, block_size=16, arch="llama", mlp_hidden=70)
+
+
+def validate_one(strategy: str, name: str, world: int) -> dict:
+    """One warm-up and one measured step of ``name`` under ``strategy``; this rank's counts and buffers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**VALIDATION_CFG))
+    if strategy != "ddp":
+        shape = (world // 2, 2) if strategy == "hsdp" else (world,)
+        names = ("replicate", "shard") if strategy == "hsdp" else ("shard",)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        for b in model.blocks:
+            fully_shard(b, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = create_optimizer(name, model)
+    idx = torch.randint(0, VALIDATION_CFG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    for measured in (False, True):
+        model.zero_grad()
+        model(idx).float().pow(2).mean().backward()
+        if not measured:
+            opt.step()
+            continue
+        mode = CommDebugMode()
+        with ByteCounter() as direct, mode:
+            opt.step()
+    functional = Counter()
+    for k, v in mode.get_comm_counts().items():
+        op = getattr(k, "__name__", str(k)).split(".")[0]
+        if not op.endswith("_"):
+            functional[f"{op} (DTensor)"] += v
+    return {"counts": {**dict(direct.counts), **functional}, "buffers": direct.buffers}
+
+
+def validate(rank: int, world: int) -> None:
+    from benchmarks.comm_model import optimizer_comm, shapes_of
+
+    shapes = shapes_of(Transformer(ModelConfig(**VALIDATION_CFG)))
+    strategies = ["ddp", "fsdp2"] + (["hsdp"] if world == 4 else [])
+    rows = []
+    for strategy in strategies:
+        for name in ("adamw", "muon", "normuon", "soap"):
+            mine = validate_one(strategy, name, world)
+            every = [None] * world
+            dist.all_gather_object(every, mine)
+            model = optimizer_comm(name, strategy, shapes, world, shards=2 if strategy == "hsdp" else None)
+            predicted = Counter()
+            for c in model.collectives:
+                predicted["all_gather_into_tensor (DTensor)" if c.op == "all_gather (DTensor)" else c.op] += 1
+            counts_ok = all(Counter(e["counts"]) == predicted for e in every)
+            direct_model = [c.buffer for c in model.collectives if "DTensor" not in c.op]
+            measured = [max(b[i][1] for b in (e["buffers"] for e in every)) for i in range(len(every[0]["buffers"]))]
+            bytes_ok = measured == direct_model
+            rows.append(f"| {world} | {strategy} | {name} | {dict(sorted(predicted.items())) or '{}'} | "
+                        f"{dict(sorted(Counter(every[0]['counts']).items())) or '{}'} | {direct_model} | {measured} | "
+                        f"{'yes' if counts_ok and bytes_ok else 'NO'} |")
+    if rank == 0:
+        out = Path(__file__).parent / "results" / "comm_model_validation.md"
+        head = ("`benchmarks/comm_model.py` against `torchrun --nproc_per_node=N benchmarks/comm_count.py --validate` "
+                f"(gloo, CPU), model {VALIDATION_CFG} (MLP rows 70: uneven row shards). Counts: collectives in one "
+                "`optimizer.step()` on every rank; bytes: receive buffer of each direct collective, busiest rank.\n\n"
+                "| ranks | strategy | optimizer | model: collectives | measured (rank 0) | model: buffer bytes | "
+                "measured: buffer bytes | match |\n|---|---|---|---|---|---|---|---|\n")
+        body = "\n".join(rows) + "\n"
+        if world == 2 or not out.exists():
+            out.write_text(head + body)
+        else:
+            out.write_text(out.read_text() + body)
+        print(body)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--validate", action="store_true", help="compare with benchmarks/comm_model.py")
     args = ap.parse_args()
     dist.init_process_group("gloo")
+    if args.validate:
+        torch.set_num_threads(1)
+        validate(dist.get_rank(), dist.get_world_size())
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     torch.set_num_threads(1)
     rank = dist.get_rank()
     rows = []

@@ -60,3 +60,27 @@ def test_owners_longest_first_balance_and_batching():
     b = balance(shapes, 2)
     assert b["lpt"] == pytest.approx(1.0) and (b["calls"], b["owned"], b["idle"]) == (2, 6, 0)
     assert balance([(64, 32)], 4)["idle"] == 3
+
+
+def test_comm_model_arithmetic():
+    """benchmarks/comm_model.py on hand-checkable shapes: DDP's all-gather is W x the largest owner share,
+    FSDP2's all-to-alls carry whole matrices to owners and rows back, HSDP adds one all-gather over replicas."""
+    from benchmarks.comm_model import Shapes, optimizer_comm
+
+    shapes = Shapes(matrices=[(8, 4), (8, 4), (6, 4)], params=[(8, 4), (8, 4), (6, 4), (4,)])
+    ddp = optimizer_comm("muon", "ddp", shapes, 2)  # owners: 8x4 -> 0, 8x4 -> 1, 6x4 -> 0: shares 56, 32
+    assert [(c.op, c.buffer, c.wire) for c in ddp.collectives] == [("all_gather_into_tensor", 2 * 56 * 2, 56 * 2)]
+    fsdp = optimizer_comm("normuon", "fsdp2", shapes, 2)
+    a2a1, a2a2, norms = fsdp.collectives
+    assert (a2a1.buffer, a2a2.buffer) == ((32 + 24) * 2, (16 + 16 + 12) * 2)  # rank 0 owns 8x4 and 6x4
+    assert (norms.op, norms.buffer) == ("all_reduce", 3 * 4)
+    hsdp = optimizer_comm("muon", "hsdp", shapes, 4, shards=2)
+    assert [c.op for c in hsdp.collectives] == ["all_to_all_single", "all_to_all_single", "all_gather_into_tensor"]
+    soap = optimizer_comm("soap", "fsdp2", shapes, 4)
+    assert soap.count == 4 and soap.buffer == (32 + 32 + 24 + 4) * 4
+    assert optimizer_comm("adamw", "hsdp", shapes, 4, shards=2).count == 0
+    assert optimizer_comm("soap", "ddp", shapes, 4).count == 0
+    with pytest.raises(ValueError, match="strategy"):
+        optimizer_comm("muon", "zero3", shapes, 4)
+    with pytest.raises(ValueError, match="multiple"):
+        optimizer_comm("muon", "hsdp", shapes, 6, shards=4)

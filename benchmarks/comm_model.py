@@ -1,0 +1,288 @@
+"""Communication model: collectives and bytes per optimizer step, matrix optimizers vs AdamW, DDP / FSDP2 / HSDP.
+
+    python benchmarks/comm_model.py            # table + plot, 8 to 1024 GPUs, 124M to 70B-class shapes
+
+What is modelled is exactly what ``lightning_optim.optim._matrix_dist`` (Muon family) and ``soap.py`` issue in
+``optimizer.step()``, with the same owner assignment (:func:`assign_owners`) and the same packing, so the
+per-rank buffer sizes are exact, not estimates. ``benchmarks/comm_count.py`` measures the same quantities at 2
+and 4 CPU ranks and checks them against :func:`optimizer_comm` (``benchmarks/results/comm_model_validation.md``).
+
+Per step and per rank, for each optimizer:
+
+* Muon / D-Muon (same communication), NorMuon / SF-NorMuon (NorMuon adds one all-reduce of one float32 per
+  matrix under FSDP2/HSDP: the squared Frobenius norms of the row-sharded matrices; under DDP every rank holds
+  whole results and needs none):
+    - DDP: one ``all_gather_into_tensor`` of the owners' packed bf16 results. Each rank contributes a buffer as
+      wide as the *largest* owner share, so the output is ``W × max share``: once ``W`` approaches the number of
+      matrices this padding dominates (the table shows it).
+    - FSDP2 (``W`` shards): two ``all_to_all_single``: row blocks to the owners (an owner receives its whole
+      matrices) and result rows back (every rank receives its rows of every matrix).
+    - HSDP (``R`` replicas × ``S`` shards): owners over all ``R·S`` ranks; the two all-to-alls in the shard group
+      for the matrices of one's own replica, then one ``all_gather_into_tensor`` over the ``R`` replicas.
+* SOAP: DDP none (every rank computes every update); FSDP2/HSDP one all-gather per parameter
+  (``grad.full_tensor()``, float32 gradients) over the shard group, and every rank then does the whole
+  optimizer work itself (the state is not sharded).
+* AdamW: none (elementwise on replicas or shards).
+
+The gradient synchronisation of the strategy itself (the same for every optimizer) is given for scale:
+DDP an all-reduce of float32 gradients; FSDP2 two all-gathers of bf16 parameters (forward and backward,
+``reshard_after_forward=True``) and a reduce-scatter of float32 gradients; HSDP the same within the shard
+group plus an all-reduce of the float32 gradient shard across replicas.
+
+Bytes: ``buffer`` is the size of the receive buffer of each collective on the busiest rank (what
+``comm_count.py`` measures); ``wire`` is what a rank sends with ring / pairwise algorithms — all-gather
+``(n-1)/n`` of the output, reduce-scatter ``(n-1)/n`` of the input, all-reduce ``2(n-1)/n`` of the tensor,
+all-to-all the buffer minus the part a rank keeps — taken on the busiest rank. Latency (the number of
+collectives) and bandwidth are reported separately; no link speed is assumed.
+
+Shapes: the Llama-style presets of ``lightning_optim.models.gpt.model_config`` (124m, 210m, 583m, 720m) and
+three larger shapes through its overrides (``7b``: 32 layers × 4096, MLP 11008; ``13b``: 40 × 5120, MLP 13824;
+``70b``: 80 × 8192, MLP 28672, full multi-head attention, so ~78B parameters: no grouped-query attention in
+this model), built on the meta device and routed by ``param_groups(split_matrices=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_optim import param_groups  # noqa: E402
+from lightning_optim.models.gpt import Transformer, model_config  # noqa: E402
+from lightning_optim.optim._matrix_dist import assign_owners, shard_rows  # noqa: E402
+from lightning_optim.optim.newton_schulz import ns_flops  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+OPTIMIZERS = ("adamw", "muon", "normuon", "soap")  # d-muon ≡ muon, sf-normuon ≡ normuon (communication)
+STRATEGIES = ("ddp", "fsdp2", "hsdp")
+SHAPES = {
+    "124m": ("124m", {}), "210m": ("210m", {}), "583m": ("583m", {}), "720m": ("720m", {}),
+    "7b": ("720m", dict(n_layer=32, n_embd=4096, n_head=32, mlp_hidden=11008)),
+    "13b": ("720m", dict(n_layer=40, n_embd=5120, n_head=40, mlp_hidden=13824)),
+    "70b": ("720m", dict(n_layer=80, n_embd=8192, n_head=64, mlp_hidden=28672)),
+}
+GPUS_PER_NODE = 8  # HSDP's shard group: one node
+
+
+@dataclass
+class Shapes:
+    """The parameters the optimizer sees: matrix-rule matrices (rows, cols) and every parameter's shape."""
+
+    matrices: list[tuple[int, int]]
+    params: list[tuple[int, ...]]
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.params)
+
+
+@dataclass
+class Collective:
+    op: str  # all_gather_into_tensor | all_to_all_single | all_reduce | all_gather (DTensor) | reduce_scatter
+    group: int  # ranks in its process group
+    buffer: int  # receive-buffer bytes on the busiest rank
+    wire: int  # bytes the busiest rank sends
+
+
+@dataclass
+class Comm:
+    collectives: list[Collective] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.collectives)
+
+    @property
+    def wire(self) -> int:
+        return sum(c.wire for c in self.collectives)
+
+    @property
+    def buffer(self) -> int:
+        return sum(c.buffer for c in self.collectives)
+
+    def by_op(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.collectives:
+            out[c.op] = out.get(c.op, 0) + 1
+        return out
+
+
+def shapes_of(model: torch.nn.Module) -> Shapes:
+    """The shapes of ``model``'s parameters as the optimizer routes them (``param_groups(split_matrices=True)``)."""
+    mats, params = [], []
+    for g in param_groups(model, split_matrices=True):
+        for p in g["params"]:
+            params.append(tuple(p.shape))
+            if g["matrix"]:
+                mats.append((int(p.shape[0]), int(math.prod(p.shape[1:]))))
+    return Shapes(mats, params)
+
+
+def model_shapes(name: str) -> Shapes:
+    """Shapes of the named entry of :data:`SHAPES` (or a ``model_config`` preset name), built on the meta device."""
+    preset, overrides = SHAPES.get(name, (name, {}))
+    with torch.device("meta"):
+        return shapes_of(Transformer(model_config(preset, **overrides)))
+
+
+def _muon_ddp(mats: list[tuple[int, int]], world: int) -> Comm:
+    owner = assign_owners([ns_flops(r, c) for r, c in mats], world)
+    share = [0] * world
+    for (r, c), o in zip(mats, owner):
+        share[o] += r * c
+    width = max(share) * 2  # bf16
+    return Comm([Collective("all_gather_into_tensor", world, world * width, (world - 1) * width)])
+
+
+def _muon_sharded(mats: list[tuple[int, int]], shards: int, replicas: int, normuon: bool) -> Comm:
+    """Two all-to-alls in each shard group (+ the all-gather over replicas); busiest rank of the job."""
+    owner = assign_owners([ns_flops(r, c) for r, c in mats], shards * replicas)
+    rows = [shard_rows(r, shards) for r, _ in mats]
+    a2a1 = a2a1_wire = a2a2 = a2a2_wire = gather_width = 0
+    for rep in range(replicas):
+        handled = [i for i, o in enumerate(owner) if o // shards == rep]
+        for s in range(shards):
+            me = rep * shards + s
+            mine = [i for i in handled if owner[i] == me]
+            # 1) an owner receives its whole matrices; sends its rows of the others in its replica's set
+            recv1 = sum(mats[i][0] * mats[i][1] for i in mine) * 2
+            keep1 = sum(rows[i][s] * mats[i][1] for i in mine) * 2
+            sent1 = sum(rows[i][s] * mats[i][1] for i in handled) * 2 - keep1
+            # 2) every rank receives its rows of every matrix its replica handled; an owner sends the rest
+            recv2 = sum(rows[i][s] * mats[i][1] for i in handled) * 2
+            sent2 = recv1 - keep1
+            a2a1, a2a1_wire = max(a2a1, recv1), max(a2a1_wire, sent1)
+            a2a2, a2a2_wire = max(a2a2, recv2), max(a2a2_wire, sent2)
+            gather_width = max(gather_width, recv2)
+    comm = Comm([Collective("all_to_all_single", shards, a2a1, a2a1_wire),
+                 Collective("all_to_all_single", shards, a2a2, a2a2_wire)])
+    if replicas > 1:
+        comm.collectives.append(Collective("all_gather_into_tensor", replicas, replicas * gather_width,
+                                           (replicas - 1) * gather_width))
+    if normuon:
+        n = len(mats) * 4
+        comm.collectives.append(Collective("all_reduce", shards, n, 2 * (shards - 1) * n // shards))
+    return comm
+
+
+def optimizer_comm(optimizer: str, strategy: str, shapes: Shapes, world: int, shards: int | None = None) -> Comm:
+    """Collectives one ``optimizer.step()`` issues on ``world`` ranks (HSDP: ``shards`` per replica)."""
+    if optimizer not in OPTIMIZERS or strategy not in STRATEGIES:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} and strategy one of {STRATEGIES}, got "
+                         f"{optimizer!r}, {strategy!r}")
+    if strategy == "hsdp":
+        shards = shards or min(GPUS_PER_NODE, world)
+        if world % shards:
+            raise ValueError(f"HSDP: world {world} is not a multiple of the shard group size {shards}")
+    else:
+        shards = world
+    replicas = world // shards if strategy == "hsdp" else 1
+    if optimizer == "adamw" or world == 1:
+        return Comm()
+    if optimizer in ("muon", "normuon"):
+        if strategy == "ddp":
+            return _muon_ddp(shapes.matrices, world)
+        return _muon_sharded(shapes.matrices, shards, replicas, optimizer == "normuon")
+    # soap: one DTensor all-gather of each float32 gradient over the shard group
+    if strategy == "ddp" or shards == 1:
+        return Comm()
+    return Comm([Collective("all_gather (DTensor)", shards, math.prod(s) * 4, math.prod(s) * 4 * (shards - 1) // shards)
+                 for s in shapes.params])
+
+
+def grad_sync_wire(strategy: str, shapes: Shapes, world: int, shards: int | None = None) -> int:
+    """Bytes each rank sends for the strategy's own parameter/gradient traffic per step (see the docstring)."""
+    p = shapes.n_params
+    if strategy == "ddp":
+        return 2 * (world - 1) * p * 4 // world
+    shards = world if strategy == "fsdp2" else (shards or min(GPUS_PER_NODE, world))
+    replicas = world // shards
+    within = (shards - 1) * p * (2 + 2 + 4) // shards  # bf16 all-gather x2, fp32 reduce-scatter
+    across = 2 * (replicas - 1) * (p * 4 // shards) // replicas
+    return within + across
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB" if n < 1e10 else f"{n / 1e9:,.1f} GB"
+
+
+def table(models: list[str], gpus: list[int]) -> tuple[str, dict]:
+    data: dict = {}
+    lines = ["| model | params | strategy | GPUs | grad sync | AdamW | Muon | NorMuon | SOAP |",
+             "|---|---:|---|---:|---:|---|---|---|---|"]
+    for name in models:
+        shapes = model_shapes(name)
+        for strategy in STRATEGIES:
+            for w in gpus:
+                row = {o: optimizer_comm(o, strategy, shapes, w) for o in OPTIMIZERS}
+                sync = grad_sync_wire(strategy, shapes, w)
+                data[(name, strategy, w)] = {"sync": sync, **{o: c.wire for o, c in row.items()}}
+                cells = [f"{c.count} / {_size(c.wire)} ({100 * c.wire / sync:.1f}%)" if c.count else "0"
+                         for c in row.values()]
+                lines.append(f"| {name} | {shapes.n_params / 1e9:.2f}B | {strategy} | {w} | {_size(sync)} | "
+                             + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", data
+
+
+def plot(data: dict, models: list[str], gpus: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 2.7, 3.8), sharey=True, squeeze=False)
+    styles = {"ddp": "-", "fsdp2": "--", "hsdp": ":"}
+    series = {"muon": ("C0", "Muon (NorMuon: + 4 B/matrix)"), "soap": ("C2", "SOAP"), "sync": ("0.5", "grad sync")}
+    for ax, name in zip(axes[0], models):
+        for strategy, ls in styles.items():
+            for key, (color, label) in series.items():
+                ys = [data[(name, strategy, w)][key] / 1e6 for w in gpus]
+                if not any(ys):  # nothing sent (SOAP under DDP)
+                    continue
+                ax.plot(gpus, ys, ls, color=color, label=f"{label}, {strategy}", marker="o", ms=2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("GPUs")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("MB sent per rank per step\n(busiest rank)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1 - 2.7 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--gpus", default="8,32,128,512,1024")
+    ap.add_argument("--plot-gpus", default="8,16,32,64,128,256,512,1024")
+    ap.add_argument("--plot-models", default="124m,7b,70b")
+    args = ap.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models + args.plot_models.split(",") if m not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(SHAPES)}")
+    gpus = [int(g) for g in args.gpus.split(",")]
+    text, _ = table(models, gpus)
+    head = ("Communication per `optimizer.step()`, per rank (busiest rank): `collectives / bytes sent (% of the "
+            "strategy's own gradient synchronisation)`; HSDP shards over 8 GPUs per node. D-Muon communicates "
+            "like Muon, SF-NorMuon like NorMuon. `python benchmarks/comm_model.py` (model in its docstring; "
+            "validated at 2 and 4 CPU ranks in `comm_model_validation.md`).\n\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "comm_model.md").write_text(head + text)
+    pg = [int(g) for g in args.plot_gpus.split(",")]
+    pm = [m for m in args.plot_models.split(",") if m]
+    _, pdata = table(pm, pg)
+    plot(pdata, pm, pg, RESULTS / "comm_model.png")
+    print(head + text)
+
+
+if __name__ == "__main__":
+    main()
