@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from lightning_optim._dtensor import is_dtensor
 from lightning_optim.class_paths import import_optimizer_class
 from lightning_optim.specs import OptimizerSpec, SchedulerSpec, StateLayout, normalize_name, signature_defaults
 from lightning_optim.validation import (
@@ -264,11 +265,9 @@ def _split_named_parameters(group: dict[str, Any], gi: int) -> dict[str, Any]:
 
 
 def _refuse_dtensor(spec: OptimizerSpec, groups: list[dict[str, Any]]) -> None:
-    from torch.distributed.tensor import DTensor
-
     for gi, g in enumerate(groups):
         for pi, p in enumerate(g["params"]):
-            if isinstance(p, DTensor):
+            if is_dtensor(p):
                 raise ValueError(
                     f"optimizer {spec.name!r} does not support FSDP2 DTensor parameters "
                     f"(parameter {parameter_label(g, gi, pi)}): "

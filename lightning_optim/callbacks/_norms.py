@@ -20,18 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment]
-    Shard = ()  # type: ignore[assignment]
-
-
-def local(t: Tensor) -> Tensor:
-    """The tensor this rank holds: a ``DTensor``'s local shard (a view sharing storage), else ``t``."""
-    if isinstance(t, DTensor):
-        return t.to_local()
-    return t
+from lightning_optim._dtensor import DTensor, Shard, local
 
 
 def shard_group(t: Tensor):

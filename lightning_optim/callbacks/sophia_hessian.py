@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from lightning_optim._dtensor import is_dtensor
+
 __all__ = ["SophiaHessian"]
 
 
@@ -42,14 +44,6 @@ def _sophia_optimizers(trainer: Any) -> list[Any]:
         if callable(getattr(opt, "update_hessian", None)):
             found.append(opt)
     return found
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
 
 
 class SophiaHessian(Callback):
@@ -136,7 +130,7 @@ class SophiaHessian(Callback):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if world == 1 or not grads:
             return world
-        if any(_is_dtensor(g) for g in grads):
+        if any(is_dtensor(g) for g in grads):
             return world  # FSDP2: reduce-scattered (averaged) by fully_shard's hooks
         flat = torch._utils._flatten_dense_tensors(grads)
         flat.div_(world)

@@ -46,12 +46,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from lightning_optim.optim._low_precision import check_state_dtype, mix_seed, seed_tensor, sr_copy_, state_torch_dtype
-
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor
-except Exception:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment]
+from lightning_optim._dtensor import is_dtensor, local
+from lightning_optim.optim._low_precision import (SR_SLOT_STRIDE, check_state_dtype, mix_seed, seed_tensor, sr_copy_,
+                                                  state_torch_dtype)
 
 __all__ = ["ElementwiseOptimizer", "Bucket", "local", "is_dtensor", "compiled_kernel", "COMPILED_MIN_NUMEL",
            "check_compiled", "compile_available", "COMPILE_ENV"]
@@ -175,19 +172,10 @@ def scalar_tensors(values: Iterable[float | torch.Tensor], like: torch.Tensor) -
             else torch.tensor(float(v), dtype=dtype, device=like.device) for v in values]
 
 
-def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (a view sharing storage), the tensor itself otherwise."""
-    return t.to_local() if is_dtensor(t) else t
-
-
 class Bucket:
     """Local tensors of the parameters of one group that share device, dtype and step count."""
 
-    __slots__ = ("params", "grads", "state", "step", "param_objs")
+    __slots__ = ("params", "grads", "state", "step", "param_objs", "origin")
 
     def __init__(self, step: int) -> None:
         self.params: list[torch.Tensor] = []
@@ -195,10 +183,17 @@ class Bucket:
         self.state: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.step = step  # the count *before* this step (0 on a parameter's first step)
         self.param_objs: list[torch.Tensor] = []  # the (possibly DTensor) parameters themselves
+        self.origin: list[int] | None = None  # positions in the bucket this one was cut from (None: itself)
+
+    def positions(self) -> list[int]:
+        """Each entry's position in the original bucket (rounding seeds follow it, whatever the path)."""
+        return list(range(len(self.params))) if self.origin is None else self.origin
 
     def subset(self, idx: list[int]) -> "Bucket":
         """The bucket restricted to the entries ``idx`` (same step)."""
         b = Bucket(self.step)
+        pos = self.positions()
+        b.origin = [pos[i] for i in idx]
         b.params = [self.params[i] for i in idx]
         b.grads = [self.grads[i] for i in idx]
         b.param_objs = [self.param_objs[i] for i in idx]
@@ -217,10 +212,13 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
     state_names: tuple[str, ...] = ()
     counts_steps: bool = True
     #: the update of one tensor for the compiled path: ``kernel(p, g, *state (state_names order), *scalars[,
-    #: seed])``; ``seed`` (a 0-d int64 tensor) is passed only when the group keeps bf16 state: stochastic rounding
+    #: seed])``; ``seed`` (a 0-d int64 tensor) is passed only when the group keeps bf16 state: stochastic rounding,
+    #: the state at index k of ``state_names + extra_state_names`` stored with ``store(..., seed, k)``
     kernel: Callable[..., None] | None = None
     #: state tensors that ``state_dtype="bfloat16"`` stores in bfloat16 (``None``: every one)
     lowp_names: tuple[str, ...] | None = None
+    #: state created outside ``state_names`` (MARS's ``last_grad``); with them, the rounding slot order
+    extra_state_names: tuple[str, ...] = ()
 
     def __init__(self, params: Any, defaults: dict[str, Any], compiled: bool | str = "auto",
                  state_dtype: str | None = None) -> None:
@@ -253,7 +251,7 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
             return None
         gi = next((i for i, g in enumerate(self.param_groups) if g is group), 0)
         step = int(group.get("sr_step", 0))
-        return [mix_seed(step, gi, bucket.step, i) for i in range(len(bucket.params))]
+        return [mix_seed(step, gi, bucket.step, i) for i in bucket.positions()]
 
     def _advance_sr(self, group: dict[str, Any]) -> None:
         if group.get("state_dtype") is not None:
@@ -364,8 +362,9 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
                 if not self.is_lowp(n):  # a state kept like a bf16 parameter (Prodigy's p0): round to nearest
                     torch._foreach_copy_(ts, sub.state[n])
                     continue
-                for k, (dst, src) in enumerate(zip(ts, sub.state[n])):
-                    sr_copy_(dst, src, mix_seed(seeds[chunk[k]], _slot(n)))
+                slot = (self.state_names + self.extra_state_names).index(n)
+                for k, (dst, src) in enumerate(zip(ts, sub.state[n])):  # the kernels' seeds: same rounding
+                    sr_copy_(dst, src, seeds[chunk[k]] + slot * SR_SLOT_STRIDE)
             if sub.params is not params:
                 torch._foreach_copy_(params, sub.params)
         return out
@@ -417,11 +416,6 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
 
 
 _CALLED: set[Callable] = set()
-
-
-def _slot(name: str) -> int:
-    """A stable small integer per state name (seeds differ per state tensor of one parameter)."""
-    return sum((i + 1) * ord(c) for i, c in enumerate(name))
 
 
 def _chunks(bucket: Bucket, max_numel: int) -> list[list[int]]:

@@ -31,7 +31,7 @@ NorMuon's per-row second moment stays float32 (rows × 1, negligible), and so do
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ from torch.optim.adamw import adamw as _adamw_functional
 from lightning_optim.optim._low_precision import check_state_dtype, mix_seed, sr_copy_, state_torch_dtype, up
 from lightning_optim.optim._matrix_dist import DTensor, MatrixMeta, local, matrix_meta, orthogonalize
 from lightning_optim.optim.newton_schulz import newton_schulz, resolve_coefficients
+from lightning_optim.optim.torch_builtin import fused_supported
 
 __all__ = ["HybridMatrixOptimizer", "ADAMW_ROUTING", "state_like_rows"]
 
@@ -63,20 +64,6 @@ def state_like_rows(p: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.zeros(p.shape[0], 1, dtype=dtype, device=p.device)
 
 
-_FUSED_DEVICES: set[str] | None = None
-
-
-def _fused_ok(tensors: list[Tensor]) -> bool:
-    global _FUSED_DEVICES
-    if _FUSED_DEVICES is None:
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-        _FUSED_DEVICES = set(_get_fused_kernels_supported_devices())
-    devices = _FUSED_DEVICES
-    return bool(tensors) and all(t.is_floating_point() and t.device.type in devices for t in tensors) and len(
-        {(t.device, t.dtype) for t in tensors}) == 1
-
-
 class HybridMatrixOptimizer(torch.optim.Optimizer):
     """Base of the Muon family: routing, state initialisation, the batched/distributed orthogonalisation and
     the internal AdamW. Subclasses implement :meth:`_apply_matrix_update` (what to do with ``NS(u)``).
@@ -85,8 +72,6 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
     Newton–Schulz work; DTensor shards are always orthogonalised once across ranks) or ``False`` (every rank
     orthogonalises all its plain matrices itself).
     """
-
-    matrix_state_names: tuple[str, ...] = ("momentum_buffer",)
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, adamw_lr: float | None, adamw_betas: tuple,
                  adamw_eps: float, adamw_weight_decay: float | None, distributed: bool | None = None) -> None:
@@ -289,12 +274,8 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         m = [local(self.state[p]["exp_avg"]) for p in ps]
         v = [local(self.state[p]["exp_avg_sq"]) for p in ps]
         steps = [self.state[p]["step"] for p in ps]
-        fused = _fused_ok(pl)
+        fused = fused_supported(pl)
         beta1, beta2 = group["betas"]
         _adamw_functional(pl, gl, m, v, [], steps, foreach=None if fused else True, fused=fused or None,
                           amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
                           weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-
-
-def split_names(groups: Iterable[dict[str, Any]]) -> list[str]:
-    return [g.get("name", str(i)) for i, g in enumerate(groups)]

@@ -41,10 +41,12 @@ __all__ = [
     "up",
     "mix_seed",
     "seed_tensor",
-    "lowp_state",
+    "SR_SLOT_STRIDE",
 ]
 
 _M32 = 0xFFFFFFFF
+#: the seed of state slot ``k`` of a tensor is ``seed + k·SR_SLOT_STRIDE`` (on both paths, so they round alike)
+SR_SLOT_STRIDE = 0x3C6EF372
 _ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16"}
 STATE_DTYPE_CHOICES = ("None (the parameter's dtype)", "'bfloat16' (alias 'bf16')")
 #: eager stochastic rounding works on slices of this many elements (bounds the int64 temporaries)
@@ -120,17 +122,6 @@ def sr_copy_(dst: torch.Tensor, src: torch.Tensor, seed: int) -> None:
         d[start:stop].copy_(sr_bf16(s[start:stop], seed, offset=start))
 
 
-def lowp_state(matrix: tuple[str, ...], other: tuple[str, ...] = ()):
-    """Mark a registered factory with the state tensors its ``state_dtype`` option stores in low precision
-    (``matrix``: the main rule's; ``other``: a hybrid's non-matrix part). The memory estimator reads it."""
-
-    def mark(factory):
-        factory.lowp_state = {True: tuple(matrix), False: tuple(other)}
-        return factory
-
-    return mark
-
-
 def up(t: torch.Tensor) -> torch.Tensor:
     """A low-precision (bf16/fp16) tensor read as float32 for the update; others as they are."""
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
@@ -141,6 +132,6 @@ def store(dst: torch.Tensor, value: torch.Tensor, seed: torch.Tensor | None, slo
     given and ``dst`` is bfloat16 (the group asked for ``state_dtype="bfloat16"``), a plain copy (round to
     nearest) otherwise."""
     if seed is not None and dst.dtype == torch.bfloat16:
-        dst.copy_(sr_bf16(value, seed + slot * 0x3C6EF372))
+        dst.copy_(sr_bf16(value, seed + slot * SR_SLOT_STRIDE))
     else:
         dst.copy_(value)

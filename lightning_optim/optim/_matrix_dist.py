@@ -40,20 +40,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_optim._dtensor import DTensor, Replicate, Shard, local
 from lightning_optim.optim.newton_schulz import ns_flops
 
 __all__ = ["MatrixMeta", "matrix_meta", "orthogonalize", "global_sq_norms", "local", "CommCounter", "shard_rows",
            "assign_owners"]
-
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover
-    from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore
-
-
-def local(t: Tensor) -> Tensor:
-    """The tensor that holds ``t``'s data on this rank (a DTensor's local shard, else ``t``)."""
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,6 @@ class NorMuon(HybridMatrixOptimizer):
     """NorMuon (see the module docstring). Arguments as :class:`~lightning_optim.optim.muon.Muon`, plus
     ``beta2`` (row second moment), ``eps`` (added to sqrt(v)) and ``adjust_lr`` = ``"paper"`` | ``"official"``."""
 
-    matrix_state_names = ("momentum_buffer", "v")
-
     def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, beta2: float = 0.95, eps: float = 1e-10, ns_steps: int = 5,
                  ns_coefficients: Any = "jordan", adjust_lr: str = "paper", adamw_lr: float | None = None,

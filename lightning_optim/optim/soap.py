@@ -71,6 +71,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from lightning_optim._dtensor import is_dtensor as _is_dtensor
+
 
 __all__ = ["SOAP", "soap_work_shape"]
 
@@ -229,14 +231,6 @@ def _stacks(mats: list[Tensor]):
 
 # ---------------------------------------------------------------------------------------------------------
 # DTensor (FSDP2) helpers
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
 
 
 def _local_slice(full: Tensor, p: Tensor) -> Tensor:

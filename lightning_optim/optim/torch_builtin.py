@@ -23,29 +23,26 @@ import torch
 __all__ = ["adamw", "adam", "sgd", "fused_supported"]
 
 
-def _all_params(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
-    return [p for g in groups for p in g["params"]]
-
-
-def fused_supported(groups: list[dict[str, Any]]) -> bool:
-    """torch's fused Adam(W) kernel applies: plain floating tensors, all on one device type that has it."""
+def fused_supported(tensors: list[torch.Tensor]) -> bool:
+    """torch's fused Adam(W) kernel applies to ``tensors``: a non-empty list of plain (not ``DTensor``)
+    floating-point tensors, all on one device type that has the kernel (CPU included). The one check for the
+    ``adamw``/``adam`` factories and the Muon family's internal AdamW; torch groups by device and dtype itself."""
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-    params = _all_params(groups)
-    if not params:
+    if not tensors:
         return False
     devices = set(_get_fused_kernels_supported_devices())
-    for p in params:
-        if type(p) not in (torch.Tensor, torch.nn.Parameter) or not p.is_floating_point():
+    for t in tensors:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_floating_point():
             return False
-        if p.device.type not in devices:
+        if t.device.type not in devices:
             return False
-    return len({p.device.type for p in params}) == 1
+    return len({t.device.type for t in tensors}) == 1
 
 
 def _adam_kwargs(groups: list[dict[str, Any]], fused: bool | None, foreach: bool | None) -> dict[str, Any]:
     if fused is None and foreach is None:
-        fused = fused_supported(groups)
+        fused = fused_supported([p for g in groups for p in g["params"]])
     return {"fused": fused or None, "foreach": None if fused else foreach}
 
 
