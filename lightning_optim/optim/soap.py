@@ -34,9 +34,10 @@ product is already ≥ 0.27 GFLOP and the stacking copies cost what batching sav
 State per parameter, tensors only (``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint``
 work): ``step``, ``exp_avg`` and ``exp_avg_sq`` (parameter shape, float32 for low-precision parameters),
 ``GG{i}`` and ``Q{i}`` for each preconditioned dimension ``i`` of the work shape. FSDP2 ``DTensor``
-parameters: the gradient is gathered once per step and every rank keeps the full (replicated) state and
-computes the full update, of which it applies its own shard — correct and identical on every rank, but the
-state is not sharded.
+parameters (``Shard(0)`` on a 1-D mesh, or HSDP's ``(Replicate(), Shard(0))``): the gradient is gathered once
+per step (one all-gather per parameter over the shard group) and every rank keeps the full (replicated) state
+and computes the full update, of which it applies its own shard — correct and identical on every rank, but
+the state is not sharded and the work is not split (``benchmarks/comm_model.py`` gives the traffic).
 
 Low-precision matmuls (``matmul_dtype="bfloat16"``, off by default): a median step is six matmuls per matrix —
 the two factor products ``g·gᵀ``/``gᵀ·g``, the projection ``Q_Lᵀ·g·Q_R`` and the back-projection

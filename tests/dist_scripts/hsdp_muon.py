@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=4 tests/dist_scripts/hsdp_muon.py OUT_DIR
 
 * ``direct``: ``fully_shard(block, mesh=mesh)`` per block and on the root with a ``(2, 2)`` mesh
-  (placements ``(Replicate(), Shard(0))``), muon and normuon, K steps on the same batch on every rank.
+  (placements ``(Replicate(), Shard(0))``), muon, normuon and soap, K steps on the same batch on every rank.
 * ``lightning``: ``Trainer(strategy=ModelParallelStrategy(data_parallel_size=4, tensor_parallel_size=1))``
   whose ``configure_model`` builds the 2-D mesh and applies ``fully_shard`` with it, muon, K steps.
 
@@ -32,7 +32,8 @@ from lightning_optim.optim._matrix_dist import CommCounter  # noqa: E402
 from tests.dist_scripts.muon_dist import K, batch, loss_of, make_model  # noqa: E402
 from tests.dist_utils import finish  # noqa: E402
 
-HP = {"muon": {"lr": 0.02}, "normuon": {"lr": 3e-3}}
+HP = {"muon": {"lr": 0.02}, "normuon": {"lr": 3e-3}, "soap": {"lr": 3e-3, "precondition_frequency": 2}}
+MATRIX_FAMILY = ("muon", "normuon")  # orthogonalised once per job; SOAP: every rank computes the whole update
 MESH = (2, 2)
 
 
@@ -47,7 +48,8 @@ def full_weights(model) -> dict[str, torch.Tensor]:
 
 def single_run(name: str) -> dict[str, torch.Tensor]:
     model = make_model()
-    opt = create_optimizer(name, model, distributed=False, **HP[name])
+    local = {"distributed": False} if name in MATRIX_FAMILY else {}
+    opt = create_optimizer(name, model, **local, **HP[name])
     for s in range(K):
         opt.zero_grad()
         loss_of(model, batch(s)).backward()
