@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
+from lightning_optim._dtensor import is_sharded
 from lightning_optim.optim._foreach_utils import (
     Bucket,
     ElementwiseOptimizer,
     check_betas,
     check_nonneg,
-    is_dtensor,
     local,
 )
 from lightning_optim.optim._low_precision import store, up
@@ -134,8 +134,8 @@ class MARS(ElementwiseOptimizer):
 
     def _step_bucket(self, group: dict[str, Any], b: Bucket) -> None:
         seeds = self._sr_seeds(group, b)
-        if self.use_compiled(b.params[0].device) and not any(is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
-                                     for p in b.param_objs):  # a sharded matrix's norm needs an all-reduce
+        # a sharded matrix's norm needs an all-reduce, which the compiled kernel does not do
+        if self.use_compiled(b.params[0].device) and not any(is_sharded(p) for p in b.param_objs):
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
             t = b.step + 1
@@ -179,7 +179,7 @@ class MARS(ElementwiseOptimizer):
     @staticmethod
     def _norms(c: list[torch.Tensor], b: Bucket) -> list[torch.Tensor]:
         norms = list(torch._foreach_norm(c))
-        sharded = [i for i, p in enumerate(b.param_objs) if is_dtensor(p) and any(pl.is_shard() for pl in p.placements)]
+        sharded = [i for i, p in enumerate(b.param_objs) if is_sharded(p)]
         if sharded:
             import torch.distributed as dist
 

@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from lightning_optim.optim._foreach_utils import ElementwiseOptimizer, check_betas, check_nonneg, is_dtensor, local
+from lightning_optim._dtensor import is_sharded
+from lightning_optim.optim._foreach_utils import ElementwiseOptimizer, check_betas, check_nonneg, local
 from lightning_optim.optim._low_precision import store, up
 
 __all__ = ["Prodigy"]
@@ -143,7 +144,7 @@ class Prodigy(ElementwiseOptimizer):
             s_coef = (d / d0) * d if group["safeguard_warmup"] else coef
             for b in buckets:
                 for p in b.param_objs:
-                    if sharded_ref is None and is_dtensor(p) and any(pl.is_shard() for pl in p.placements):
+                    if sharded_ref is None and is_sharded(p):
                         sharded_ref = p
                 grads = b.grads
                 if group["weight_decay"] != 0 and not group["decouple"]:
