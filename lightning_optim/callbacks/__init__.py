@@ -13,6 +13,7 @@ _EXPORTS = {
     "GradientClipping": "lightning_optim.callbacks.gradient_clipping",
     "ZLoss": "lightning_optim.callbacks.z_loss",
     "LayerNormMonitor": "lightning_optim.callbacks.layer_norms",
+    "TokenThroughput": "lightning_optim.callbacks.throughput",
     "TrainingUnstableError": "lightning_optim.callbacks._decisions",
 }
 
