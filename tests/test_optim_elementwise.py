@@ -12,7 +12,7 @@ import torch
 
 from lightning_optim import create_optimizer
 from lightning_optim.registry import get_optimizer_spec
-from tests import test_optim_elementwise_reference as R
+from tests import _elementwise_reference as R
 
 METHODS = ["lion", "signum", "adopt", "ademamix", "mars", "prodigy", "sf-adamw"]
 SHAPES = [(7, 5), (4, 3, 2), (6,), (1,)]

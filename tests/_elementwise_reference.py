@@ -1,7 +1,10 @@
-"""Plain single-tensor renditions of the elementwise algorithm boxes (ALGORITHMS.md), for the tests.
+"""Plain single-tensor renditions of the elementwise algorithms' update rules, for the tests (a helper
+module, not a test file: it holds no tests).
 
-Each is a class with ``step()`` over a list of parameters, written from the algorithm box with no foreach
-tricks: the tests compare the package's optimizers to these (float64, rtol 1e-6).
+Each is a class with ``step()`` over a list of parameters, written from the papers' algorithm boxes (Lion:
+Chen et al. 2023; Signum: Bernstein et al. 2018; ADOPT: Taniguchi et al. 2024; AdEMAMix: Pagliardini et al.
+2024; MARS: Yuan et al. 2024; schedule-free AdamW: Defazio et al. 2024) with no foreach tricks:
+tests/test_optim_elementwise.py compares the package's optimizers to these (float64, rtol 1e-6).
 """
 
 from __future__ import annotations
