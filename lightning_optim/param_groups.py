@@ -1,7 +1,9 @@
 """Parameter grouping: which parameters get weight decay, and which follow a hybrid optimizer's matrix rule.
 
-Default rules, applied to an ``nn.Module`` (nanoGPT's and timm's decay / no-decay split, plus the
-Muon-family routing of Moonlight and of Semenov et al. 2025):
+Default rules, applied to an ``nn.Module``: minGPT's decay / no-decay split (Karpathy's minGPT
+``configure_optimizers``: no decay for biases, norm layers and embeddings; nanoGPT instead decays every tensor
+with >= 2 dimensions, embeddings included), timm's "1-D parameters are not decayed", and the Muon-family
+routing of Moonlight and of Semenov et al. 2025:
 
 * no weight decay for parameters with fewer than 2 dimensions (biases, norm gains), for every parameter of
   a normalisation layer (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, batch/instance norms and any module whose
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from torch import nn
 
@@ -186,11 +188,3 @@ def routing_table(module: nn.Module, split_matrices: bool = True, rules: Groupin
     return [role for _, role in classify_parameters(module, rules)] if split_matrices else [
         ParamRole(r.name, r.shape, r.decay, False, r.reason) for _, r in classify_parameters(module, rules)
     ]
-
-
-def named_groups_summary(groups: Iterable[dict[str, Any]]) -> str:
-    lines = []
-    for g in groups:
-        n = sum(p.numel() for p in g["params"])
-        lines.append(f"{g.get('name', '?'):>16}: {len(g['params']):4d} tensors, {n:,} parameters")
-    return "\n".join(lines)
