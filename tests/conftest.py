@@ -13,3 +13,16 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("LIGHTNING_OPTIM_COMPILE", "0")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason, where CUDA is not available."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
