@@ -78,3 +78,45 @@ def test_a_stuck_or_dead_rank_fails_the_run_within_the_timeout(sig, tmp_path, tm
     if sig == signal.SIGSTOP:  # the survivor waited out the timeout, and says where
         assert elapsed >= TIMEOUT_S - 1
         assert f"rank 0 of 2 gave up after {TIMEOUT_S:g} s waiting in" in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_to_another_filesystem_then_resume_last(tmp_path, tmp_path_factory):
+    """Checkpoints every step into /dev/shm while $TMPDIR is on another filesystem; the run is SIGKILLed at an
+    arbitrary moment (often inside a save); ``--ckpt_path last`` then resumes from a verified checkpoint, and
+    nothing is left in $TMPDIR."""
+    shm = Path("/dev/shm")
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(temp).st_dev:
+        pytest.skip("needs /dev/shm on a different filesystem from the temp directory")
+    cache = str(tmp_path_factory.mktemp("kill_cache"))
+    ckpt_dir = Path(f"/dev/shm/lo_kill_{os.getpid()}")
+    args = [*size_override(cache, steps=100000), "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+            "false", "--checkpoint.every_n_train_steps", "1", "--checkpoint.dirpath", str(ckpt_dir),
+            "--data.val_every_n_steps", "100000", "--model.n_embd", "128", "--model.n_head", "4"]
+    run_env = {**env(), "TMPDIR": str(temp)}
+    log = tmp_path / "run.log"
+    try:
+        proc = subprocess.Popen([sys.executable, str(RECIPES / "tiny.py"), *args], stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, env=run_env, cwd=tmp_path)
+        t0 = time.time()
+        while len(list(ckpt_dir.glob("step*.ckpt"))) < 3 and time.time() - t0 < 300:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(0.37)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        steps = [p for p in ckpt_dir.glob("*.ckpt")]
+        assert steps, log.read_text()[-3000:]
+        resume_args = [*size_override(cache, steps=200), *args[len(size_override(cache)):], "--ckpt_path", "last"]
+        resumed = subprocess.run([sys.executable, str(RECIPES / "tiny.py"), *resume_args], capture_output=True,
+                                 text=True, env=run_env, cwd=tmp_path, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming from" in resumed.stdout + resumed.stderr
+        staged = [p for p in temp.iterdir() if not p.name.startswith("torchinductor")]  # the compiler's own cache
+        assert not staged, staged  # no checkpoint bytes were staged in the system temp directory
+    finally:
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
