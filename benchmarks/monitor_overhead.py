@@ -12,9 +12,11 @@ Two measurements per configuration:
 
 - **wall**: median optimizer-step time over the run (after warm-up), each configuration run ``--repeats`` times,
   interleaved, so slow drift of a shared machine hits all of them alike;
-- **in-callback**: the time spent inside the callback's own hooks (and its step post-hook), measured with
-  ``time.perf_counter`` around each call (with a device synchronize on CUDA) and divided by the total step time.
-  This is the precise number on a noisy machine; the wall-clock difference is the end-to-end check.
+- **in-callback**: the time spent inside the callbacks' hooks, divided by the total step time. On CUDA both are
+  wall time (``time.perf_counter`` with a device synchronize around each call); on CPU both are this process's
+  CPU time (``time.process_time``), which on a machine shared with other jobs measures the work done rather than
+  the neighbours (run with ``--threads 1`` so that idle worker threads do not spin). This is the precise number;
+  the wall-clock difference is the end-to-end check.
 
 Writes ``benchmarks/results/monitor_overhead.md``.
 """
@@ -25,6 +27,7 @@ import argparse
 import functools
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -87,20 +90,27 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _clock() -> float:
+    """Wall time on CUDA (the GPU's time is what matters), this process's CPU time on CPU."""
+    return time.perf_counter() if torch.cuda.is_available() else time.process_time()
+
+
 class StepTimer(L.Callback):
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.times: list[float] = []
-        self._t = 0.0
+        self.times: list[float] = []        # wall
+        self.clock_times: list[float] = []  # the in-callback clock (_clock)
+        self._t = self._c = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         _sync()
-        self._t = time.perf_counter()
+        self._t, self._c = time.perf_counter(), _clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         _sync()
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._t)
+            self.clock_times.append(_clock() - self._c)
 
 
 def instrument(cb: L.Callback, hooks: tuple[str, ...]) -> list[float]:
@@ -111,12 +121,12 @@ def instrument(cb: L.Callback, hooks: tuple[str, ...]) -> list[float]:
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             _sync()
-            t = time.perf_counter()
+            t = _clock()
             try:
                 return fn(*args, **kwargs)
             finally:
                 _sync()
-                spent[0] += time.perf_counter() - t
+                spent[0] += _clock() - t
         return timed
 
     for name in hooks:
@@ -125,8 +135,7 @@ def instrument(cb: L.Callback, hooks: tuple[str, ...]) -> list[float]:
     return spent
 
 
-HOOKS = ("on_before_optimizer_step", "on_train_batch_end", "on_before_backward", "_after_step", "_hook",
-         "on_train_start")
+HOOKS = ("on_before_optimizer_step", "on_train_batch_end", "on_before_backward", "on_train_start")
 
 
 def run(config: str, steps: int, warmup: int, device: str) -> dict:
@@ -138,6 +147,12 @@ def run(config: str, steps: int, warmup: int, device: str) -> dict:
     elif config == "stability":
         callbacks += [LossSpikeDetector(action="skip"), NonFiniteGuard(), GradientClipping(max_norm=1.0),
                       ZLoss(alpha=1e-4)]
+    elif config == "guard+spike+clip":  # the per-step decision makers alone (runs on older versions too)
+        callbacks += [LossSpikeDetector(action="skip"), NonFiniteGuard(), GradientClipping(max_norm=1.0)]
+    elif config in ("defaults", "defaults-off"):  # what recipes turn on by default, and the same switched off
+        on = config == "defaults"
+        callbacks += [NonFiniteGuard(enabled=on), LossSpikeDetector(action="skip", enabled=on),
+                      GradientClipping(max_norm=1.0, enabled=on), LayerNormMonitor(every_n_steps=50, enabled=on)]
     spent = [instrument(cb, HOOKS) for cb in callbacks]
     timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator=device, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
@@ -149,7 +164,7 @@ def run(config: str, steps: int, warmup: int, device: str) -> dict:
     in_cb = sum(s[0] for s in spent)
     # hook time spent during the warm-up steps is small and counted (conservative)
     return {"median": statistics.median(timer.times), "mean": statistics.fmean(timer.times),
-            "steps_time": sum(timer.times), "in_callback": in_cb, "total": total, "timed_steps": timed_steps,
+            "steps_time": sum(timer.clock_times), "in_callback": in_cb, "total": total, "timed_steps": timed_steps,
             "model": model_desc}
 
 
@@ -162,7 +177,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--batch", type=int, default=BATCH, help="sequences per step (smaller: the monitor's "
                         "share of the step grows, so the overhead measured is an upper bound)")
-    parser.add_argument("--configs", default="baseline,monitor@50,monitor@1,stability")
+    parser.add_argument("--configs", default="baseline,monitor@50,monitor@1,stability,guard+spike+clip,defaults,defaults-off")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     BATCH = args.batch
@@ -180,7 +195,10 @@ def main() -> None:
     for c in configs:
         med = statistics.median(r["median"] for r in results[c])
         frac = statistics.median(r["in_callback"] / r["steps_time"] for r in results[c]) if c != "baseline" else 0.0
-        rows.append(f"| {c} | {med * 1e3:.1f} | {100 * (med / base - 1):+.1f}% | {100 * frac:.2f}% |")
+        per_step = statistics.median(r["in_callback"] / r["timed_steps"] for r in results[c])
+        rows.append(f"| {c} | {med * 1e3:.1f} | {100 * (med / base - 1):+.1f}% | {per_step * 1e3:.2f} | "
+                    f"{100 * frac:.2f}% |")
+    clock = "wall" if device == "gpu" else "CPU time"
     device_name = torch.cuda.get_device_name() if device == "gpu" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     text = "\n".join([
         "# LayerNormMonitor / stability-callback overhead",
@@ -189,14 +207,19 @@ def main() -> None:
         f"Device: {device_name}; torch {torch.__version__}, lightning {L.__version__}.",
         f"{args.steps} steps per run ({args.warmup} warm-up steps not timed), {args.repeats} interleaved repeats.",
         "",
-        "| configuration | median step (ms) | wall vs baseline | time inside the callbacks / step time |",
-        "|---|---|---|---|",
+        f"| configuration | median step, wall (ms) | wall vs baseline | in the callbacks per step ({clock}, ms) "
+        f"| in the callbacks / step ({clock}) |",
+        "|---|---|---|---|---|",
         *rows,
         "",
         "`monitor@N`: LayerNormMonitor(every_n_steps=N). `stability`: LossSpikeDetector(skip) + NonFiniteGuard +",
-        "GradientClipping(1.0) + ZLoss(1e-4), which act on every step (each detector makes one host sync per step).",
+        "GradientClipping(1.0) + ZLoss(1e-4), which act on every step; `guard+spike+clip` the same without ZLoss.",
+        "`defaults`: what recipes turn on by default,",
+        "NonFiniteGuard + LossSpikeDetector(skip) + GradientClipping(1.0) + LayerNormMonitor(every_n_steps=50);",
+        "`defaults-off`: the same four with enabled=False. The guard and the detector share one decision round (one",
+        "host sync) per step, and they and the clipping share one gradient-norm pass.",
         "The in-callback column is the precise cost; the wall column also carries the noise of the machine.",
-        "Reproduce: `python benchmarks/monitor_overhead.py`.",
+        "Reproduce: `" + " ".join(["python benchmarks/monitor_overhead.py", *sys.argv[1:]]) + "`.",
         "",
     ])
     args.out.parent.mkdir(parents=True, exist_ok=True)
