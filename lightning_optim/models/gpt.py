@@ -61,6 +61,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    n_kv_head: int | None = None  # grouped-query attention (Ainslie et al. 2023): key/value heads; default n_head
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -69,12 +70,21 @@ class ModelConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
             raise ValueError("RoPE needs an even head dimension")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not (isinstance(self.n_kv_head, int) and 0 < self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0):
+            raise ValueError(f"n_kv_head={self.n_kv_head!r} must be a positive divisor of n_head={self.n_head}")
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.arch == "gpt2" else 256 * math.ceil(8 * self.n_embd / 3 / 256)
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (and of the value) projection: ``n_kv_head · head_dim`` (``n_embd`` without GQA)."""
+        return self.n_kv_head * self.head_dim
 
 
 # (n_layer, n_embd, n_head); vocab 50304 (GPT-2's 50257 padded to a multiple of 64) for the benchmark sizes.
@@ -154,21 +164,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    """Causal self-attention with one fused ``qkv`` projection (rows: q, then k, then v). With
+    ``n_kv_head < n_head`` (grouped-query attention) k and v have ``n_kv_head`` heads, each shared by
+    ``n_head / n_kv_head`` query heads."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         bias = cfg.arch == "gpt2"
-        self.n_head, self.head_dim, self.rope = cfg.n_head, cfg.head_dim, cfg.arch == "llama"
-        self.rope_theta = cfg.rope_theta
-        self.qkv = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=bias)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.rope, self.rope_theta = cfg.arch == "llama", cfg.rope_theta
+        self.qkv = Linear(cfg.n_embd, cfg.n_embd + 2 * cfg.kv_dim, bias=bias)
         self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=bias, std=INIT_STD / math.sqrt(2 * cfg.n_layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split((C, kv, kv), dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.rope:
             cos, sin = _rope_tables(T, self.head_dim, self.rope_theta, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -263,7 +281,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
     """
     d, L, T = cfg.n_embd, cfg.n_layer, seq_len or cfg.block_size
     mlp = (3 if cfg.arch == "llama" else 2) * d * cfg.mlp_hidden
-    n_matmul = L * (4 * d * d + mlp) + (cfg.vocab_size or 0) * d
+    attention = d * (d + 2 * cfg.kv_dim) + d * d  # qkv, proj
+    n_matmul = L * (attention + mlp) + (cfg.vocab_size or 0) * d
     per_pass = 2 * n_matmul + 4 * L * d * T
     return float(3 * per_pass if training else per_pass)
 
