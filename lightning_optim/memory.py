@@ -188,39 +188,26 @@ def transformer_shapes(
     tied: bool = False,
     max_seq_len: int = 1024,
 ) -> list[tuple[tuple[int, ...], bool]]:
-    """(shape, is_matrix) of a decoder-only transformer without building it (for 7B-and-up estimates).
+    """(shape, is_matrix) of the package's decoder-only :class:`~lightning_optim.models.gpt.Transformer` with
+    these dimensions, read from the model itself built on the meta device (nothing is allocated, so 70B
+    works), routed by the default grouping rules.
 
-    ``llama``: RMSNorm gains, q/k/v/o without bias (grouped k/v with ``n_kv_heads``), SwiGLU (gate, up, down),
-    untied head unless ``tied``. ``gpt2``: LayerNorm with bias, fused qkv and MLP with biases, learned
-    positions, tied head. Embeddings and the head are not matrices (they go to a hybrid's AdamW).
+    One source of truth: the layers are those of :mod:`lightning_optim.models.gpt` (a fused ``qkv``
+    projection, grouped k/v with ``n_kv_heads``; ``d_ff=None`` is the model's own MLP width, 4d for gpt2 and
+    ``256·ceil(8d/3/256)`` for llama). ``llama`` keeps an untied head unless ``tied``; ``gpt2`` is always
+    tied, with ``max_seq_len`` learned positions. ``n_heads`` matters only with ``n_kv_heads`` (it sets the
+    head width); without it one head of width ``d_model`` is assumed, which gives the same shapes.
     """
-    if arch not in ("llama", "gpt2"):
-        raise ValueError(f"arch must be 'llama' or 'gpt2', got {arch!r}")
-    shapes: list[tuple[tuple[int, ...], bool]] = [((vocab_size, d_model), False)]
-    if arch == "llama":
-        d_ff = d_ff or 4 * d_model
-        kv = d_model if not (n_kv_heads and n_heads) else d_model * n_kv_heads // n_heads
-        block = [
-            ((d_model,), False),
-            ((d_model, d_model), True), ((kv, d_model), True), ((kv, d_model), True), ((d_model, d_model), True),
-            ((d_model,), False),
-            ((d_ff, d_model), True), ((d_ff, d_model), True), ((d_model, d_ff), True),
-        ]
-        shapes += block * n_layers + [((d_model,), False)]
-    else:
-        d_ff = d_ff or 4 * d_model
-        shapes.append(((max_seq_len, d_model), False))
-        block = [
-            ((d_model,), False), ((d_model,), False),
-            ((3 * d_model, d_model), True), ((3 * d_model,), False), ((d_model, d_model), True), ((d_model,), False),
-            ((d_model,), False), ((d_model,), False),
-            ((d_ff, d_model), True), ((d_ff,), False), ((d_model, d_ff), True), ((d_model,), False),
-        ]
-        shapes += block * n_layers + [((d_model,), False), ((d_model,), False)]
-        tied = True
-    if not tied:
-        shapes.append(((vocab_size, d_model), False))
-    return shapes
+    from lightning_optim.models.gpt import ModelConfig, Transformer
+
+    if n_kv_heads is not None and n_heads is None:
+        raise ValueError("transformer_shapes: n_kv_heads needs n_heads (the head width is d_model / n_heads)")
+    config = ModelConfig(
+        n_layer=n_layers, n_embd=d_model, n_head=n_heads or 1, vocab_size=vocab_size, block_size=max_seq_len,
+        arch=arch, mlp_hidden=d_ff, n_kv_head=n_kv_heads, tie_embeddings=tied or arch == "gpt2",
+    )
+    with torch.device("meta"):
+        return shapes_of(Transformer(config))
 
 
 #: Published shapes of well-known models, for estimates without building them (``preset="llama2-7b"``).
