@@ -572,3 +572,17 @@ def test_builtins_are_loaded_before_a_user_registration(monkeypatch):
     with pytest.raises(ValueError, match="'adamw' is already registered"):
         lo.register_optimizer("adamw", defaults={"lr": 1.0})(lambda groups, lr: torch.optim.SGD(groups, lr=lr))
     assert lo.optimizer_info("adamw").factory is not None and "sgd" in lo.available_optimizers()
+
+
+def test_import_object_takes_both_separators_and_names_bad_paths():
+    from lightning_optim.callbacks.schedule_free import ScheduleFreeSwitch
+    from lightning_optim.class_paths import import_object
+
+    for spec in (lo.optimizer_info("sf-adamw"), lo.optimizer_info("sophia")):  # the specs' callback paths resolve
+        assert all(isinstance(import_object(path), type) for path in spec.callbacks)
+    assert import_object("lightning_optim.callbacks.schedule_free:ScheduleFreeSwitch") is ScheduleFreeSwitch
+    assert import_object("lightning_optim.callbacks.schedule_free.ScheduleFreeSwitch") is ScheduleFreeSwitch
+    with pytest.raises(ValueError, match="import path 'lightning_optim.callbacks:Nope'.*no attribute 'Nope'"):
+        import_object("lightning_optim.callbacks:Nope")
+    with pytest.raises(ValueError, match="is not an import path"):
+        import_object("not a path")
