@@ -113,8 +113,9 @@ def matrix_meta(p: Tensor, name: str, distributed: bool | None = None) -> Matrix
                 raise ValueError(f"parameter {name!r}: local shard has {p._local_tensor.shape[0]} rows, expected "
                                  f"{expected} (torch.chunk layout); uneven custom sharding is not supported")
             return MatrixMeta(rows, cols, "sharded", pg, world, rank)
-        raise ValueError(f"parameter {name!r} is a DTensor with placement {pl}; the matrix rule supports Shard(0) "
-                         "(FSDP2) and Replicate. Route it to AdamW or reshard it.")
+        raise ValueError(f"parameter {name!r} is a DTensor with placement {pl!r}; the matrix rule supports Shard(0) "
+                         "(FSDP2) and Replicate, not column shards (Shard(1), e.g. RowwiseParallel "
+                         "tensor parallelism). Route it to AdamW or reshard it.")
     if distributed is not False and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return MatrixMeta(rows, cols, "replicated", None, dist.get_world_size(), dist.get_rank())
     return MatrixMeta(rows, cols, "local")

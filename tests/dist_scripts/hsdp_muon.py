@@ -121,17 +121,22 @@ def lightning_run(out: Path, record: dict) -> None:
         torch.save(full, out / "lightning_muon.pt")
 
 
-def refusal(mesh) -> str:
-    """A tensor-parallel layout on the 2-D mesh, ``(Replicate(), Shard(1))``: refused at construction."""
+def refusal(mesh) -> list[str]:
+    """Tensor-parallel layouts, ``(Replicate(), Shard(1))`` on the 2-D mesh and ``Shard(1)`` (RowwiseParallel)
+    on its 1-D shard sub-mesh: each refused when the optimizer is built."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    layer = torch.nn.Linear(8, 6, bias=False)
-    layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, (Replicate(), Shard(1))))
-    try:
-        create_optimizer("muon", [{"params": [("tp.weight", layer.weight)], "matrix": True}])
-    except ValueError as err:
-        return str(err)
-    return "not refused"
+    messages = []
+    for m, placements in ((mesh, (Replicate(), Shard(1))), (mesh["shard"], (Shard(1),))):
+        layer = torch.nn.Linear(8, 6, bias=False)
+        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), m, placements))
+        try:
+            create_optimizer("muon", [{"params": [("tp.weight", layer.weight)], "matrix": True}])
+        except ValueError as err:
+            messages.append(str(err))
+        else:
+            messages.append("not refused")
+    return messages
 
 
 def main() -> None:
