@@ -3,20 +3,18 @@
 :data:`SPECS` lists one :class:`OptimizerSpec` per registry name; the algorithm modules know nothing of the
 registry. Each record's ``defaults`` are its class's ``__init__`` defaults (the published settings live in
 the signature, written once), except APOLLO-Mini, which is APOLLO with the paper's rank-1 tensor-wise settings.
-:func:`register_all` adds them to the registry.
+:mod:`lightning_optim.builtins` lists them in the built-in table.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any
 
 from lightning_optim.optim import adam_mini, apollo, galore, lamb, stable_adamw
 from lightning_optim.optim._low_rank import low_rank_shape, projector_shape
-from lightning_optim.registry import OptimizerSpec, StateLayout
+from lightning_optim.specs import OptimizerSpec, StateLayout, signature_defaults
 
-__all__ = ["SPECS", "register_all"]
+__all__ = ["SPECS"]
 
 _ADAM_STATE = StateLayout(2, names=("exp_avg", "exp_avg_sq"))
 _LOW_RANK_ROUTING = ("matrices (>= 2 dims; not embeddings or the output head under the default grouping): "
@@ -25,9 +23,8 @@ _LOW_RANK_DTENSOR = ("the projection needs whole matrices (an SVD or a channel n
                      "an elementwise optimizer under FSDP2")
 
 
-def _signature(cls: type) -> dict[str, Any]:
-    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # skip self, params
-    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+def _signature(cls: type) -> dict:
+    return signature_defaults(cls)[0]
 
 
 def _blocks(shape: tuple[int, ...]) -> int:
@@ -112,10 +109,3 @@ SPECS: tuple[OptimizerSpec, ...] = (
     ),
 )
 
-
-def register_all() -> None:
-    """Add every record of :data:`SPECS` to the registry (idempotent: the same factory may be re-registered)."""
-    from lightning_optim.registry import register_optimizer_spec  # here: the registry may be importing this module
-
-    for spec in SPECS:
-        register_optimizer_spec(spec)
