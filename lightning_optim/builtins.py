@@ -45,6 +45,7 @@ from lightning_optim.optim import (
     sophia,
     torch_builtin,
     torchao_lowbit,
+    wave2_specs,
 )
 from lightning_optim.optim._hybrid import ADAMW_ROUTING
 from lightning_optim.specs import OptimizerSpec, SchedulerSpec, StateLayout, signature_defaults
@@ -316,6 +317,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     ),
     # torchao's low-bit AdamW (optional extra 'torchao'): adamw8bit-torchao, adamw4bit, adamw-fp8
     *torchao_lowbit.SPECS,
+    *wave2_specs.SPECS,  # issue 17 first batch: lamb, stable-adamw, adam-mini, galore, apollo, apollo-mini
 )
 
 
