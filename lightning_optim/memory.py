@@ -230,12 +230,10 @@ def preset_shapes(preset: str, arch: str = "llama", vocab_size: int | None = Non
     """Shapes of a model preset: :func:`lightning_optim.models.build_model` on the meta device (nothing is
     allocated), or one of :data:`KNOWN_SHAPES` (``llama2-7b``, ``llama3-8b``, ...). Presets whose vocabulary
     is the tokenizer's (``tiny``) take ``vocab_size``, default :data:`DEFAULT_VOCAB`."""
+    from lightning_optim.models.gpt import PRESETS, build_model
+
     key = preset.strip().lower()
-    try:
-        from lightning_optim.models import PRESETS, build_model
-    except ImportError:
-        PRESETS, build_model = {}, None
-    if build_model is not None and key in PRESETS:
+    if key in PRESETS:
         if vocab_size is None and PRESETS[key].get("vocab_size", 0) is None:
             vocab_size = DEFAULT_VOCAB
         with torch.device("meta"):
