@@ -26,7 +26,8 @@ def out(tmp_path_factory):
 
 @pytest.mark.slow
 def test_hsdp_equals_one_process_and_orthogonalises_each_matrix_once(out):
-    from tests.dist_scripts.muon_dist import K, make_model
+    from tests.dist_scripts.hsdp_muon import make_model
+    from tests.dist_scripts.muon_dist import K
 
     init = make_model().state_dict()
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]

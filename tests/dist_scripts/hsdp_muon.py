@@ -15,6 +15,7 @@ the same steps in one process. Everything is written and flushed before the proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -29,12 +30,20 @@ warnings.filterwarnings("ignore")
 
 from lightning_optim import create_optimizer  # noqa: E402
 from lightning_optim.optim._matrix_dist import CommCounter  # noqa: E402
-from tests.dist_scripts.muon_dist import K, batch, loss_of, make_model  # noqa: E402
+from lightning_optim.models.gpt import Transformer  # noqa: E402
+from tests.dist_scripts.muon_dist import CFG as MUON_CFG  # noqa: E402
+from tests.dist_scripts.muon_dist import K, batch, loss_of  # noqa: E402
 from tests.dist_utils import finish  # noqa: E402
 
 HP = {"muon": {"lr": 0.02}, "normuon": {"lr": 3e-3}, "soap": {"lr": 3e-3, "precondition_frequency": 2}}
 MATRIX_FAMILY = ("muon", "normuon")  # orthogonalised once per job; SOAP: every rank computes the whole update
 MESH = (2, 2)
+CFG = dataclasses.replace(MUON_CFG, mlp_hidden=71)  # 71-row MLP matrices: uneven shards (36 + 35 rows)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return Transformer(CFG)
 
 
 def n_matrices(opt) -> int:
