@@ -28,7 +28,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from lightning_optim import schedules
 from lightning_optim.optim import (
     adamw8bit,
     ademamix,
@@ -48,6 +47,8 @@ from lightning_optim.optim import (
     wave2_specs,
 )
 from lightning_optim.optim._hybrid import ADAMW_ROUTING
+from lightning_optim.schedules import (ConstantSchedule, CosineSchedule, InverseSqrtSchedule, LinearSchedule, Schedule,
+                                       WSDSchedule)
 from lightning_optim.specs import OptimizerSpec, SchedulerSpec, StateLayout, signature_defaults
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "optimizer"]
@@ -321,7 +322,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
 )
 
 
-def schedule(cls: type[schedules.Schedule], description: str) -> SchedulerSpec:
+def schedule(cls: type[Schedule], description: str) -> SchedulerSpec:
     """A schedule record: its accepted arguments and defaults are the dataclass's own fields."""
     own = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in ("total_steps", "warmup_steps")}
     return SchedulerSpec(
@@ -331,9 +332,9 @@ def schedule(cls: type[schedules.Schedule], description: str) -> SchedulerSpec:
 
 
 SCHEDULERS: tuple[SchedulerSpec, ...] = (
-    schedule(schedules.ConstantSchedule, "warmup, then the peak lr"),
-    schedule(schedules.CosineSchedule, "warmup, cosine to final_fraction·peak"),
-    schedule(schedules.LinearSchedule, "warmup, straight line to final_fraction·peak"),
-    schedule(schedules.WSDSchedule, "warmup, stable, then a cooldown over the last decay_fraction (linear/cosine/sqrt)"),
-    schedule(schedules.InverseSqrtSchedule, "warmup, then sqrt(τ/t)"),
+    schedule(ConstantSchedule, "warmup, then the peak lr"),
+    schedule(CosineSchedule, "warmup, cosine to final_fraction·peak"),
+    schedule(LinearSchedule, "warmup, straight line to final_fraction·peak"),
+    schedule(WSDSchedule, "warmup, stable, then a cooldown over the last decay_fraction (linear/cosine/sqrt)"),
+    schedule(InverseSqrtSchedule, "warmup, then sqrt(τ/t)"),
 )

@@ -145,11 +145,11 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
-    from lightning_optim import builtins
+    from lightning_optim.builtins import OPTIMIZERS, SCHEDULERS
 
-    for spec in builtins.OPTIMIZERS:
+    for spec in OPTIMIZERS:
         register_optimizer_spec(spec)
-    for schedule in builtins.SCHEDULERS:
+    for schedule in SCHEDULERS:
         register_scheduler(schedule)
     _load_entry_points()
 
