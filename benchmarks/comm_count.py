@@ -125,7 +125,7 @@ class ByteCounter(DirectCounter):
         return self
 
 
-VALIDATION_CFG = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=256, block_size=16, arch="llama", mlp_hidden=70)
+VALIDATION_CFG = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=256, block_size=16, arch="llama", mlp_hidden=71)
 
 
 def validate_one(strategy: str, name: str, world: int) -> dict:
@@ -187,8 +187,8 @@ def validate(rank: int, world: int) -> None:
     if rank == 0:
         out = Path(__file__).parent / "results" / "comm_model_validation.md"
         head = ("`benchmarks/comm_model.py` against `torchrun --nproc_per_node=N benchmarks/comm_count.py --validate` "
-                f"(gloo, CPU), model {VALIDATION_CFG} (MLP rows 70: uneven row shards). Counts: collectives in one "
-                "`optimizer.step()` on every rank; bytes: receive buffer of each direct collective, busiest rank.\n\n"
+                f"(gloo, CPU), model {VALIDATION_CFG} (MLP rows 71: uneven row shards on 2 and 4 ranks). "
+                "Counts: collectives in one `optimizer.step()` on every rank; bytes: receive buffer of each direct collective, busiest rank.\n\n"
                 "| ranks | strategy | optimizer | model: collectives | measured (rank 0) | model: buffer bytes | "
                 "measured: buffer bytes | match |\n|---|---|---|---|---|---|---|---|\n")
         body = "\n".join(rows) + "\n"
