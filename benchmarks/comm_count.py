@@ -188,7 +188,8 @@ def validate(rank: int, world: int) -> None:
         out = Path(__file__).parent / "results" / "comm_model_validation.md"
         head = ("`benchmarks/comm_model.py` against `torchrun --nproc_per_node=N benchmarks/comm_count.py --validate` "
                 f"(gloo, CPU), model {VALIDATION_CFG} (MLP rows 71: uneven row shards on 2 and 4 ranks). "
-                "Counts: collectives in one `optimizer.step()` on every rank; bytes: receive buffer of each direct collective, busiest rank.\n\n"
+                "Counts: collectives in one `optimizer.step()` on every rank; bytes: receive buffer of each direct "
+                "collective, busiest rank.\n\n"
                 "| ranks | strategy | optimizer | model: collectives | measured (rank 0) | model: buffer bytes | "
                 "measured: buffer bytes | match |\n|---|---|---|---|---|---|---|---|\n")
         body = "\n".join(rows) + "\n"
