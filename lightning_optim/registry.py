@@ -144,13 +144,17 @@ def _ensure_loaded() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    from lightning_optim.builtins import OPTIMIZERS, SCHEDULERS
+    _loaded = True  # set first: the registrations below call back into this function
+    try:
+        from lightning_optim.builtins import OPTIMIZERS, SCHEDULERS
 
-    for spec in OPTIMIZERS:
-        register_optimizer_spec(spec)
-    for schedule in SCHEDULERS:
-        register_scheduler(schedule)
+        for spec in OPTIMIZERS:
+            register_optimizer_spec(spec)
+        for schedule in SCHEDULERS:
+            register_scheduler(schedule)
+    except BaseException:
+        _loaded = False  # the next lookup tries again and raises again, rather than finding an empty table
+        raise
     _load_entry_points()
 
 

@@ -586,3 +586,19 @@ def test_import_object_takes_both_separators_and_names_bad_paths():
         import_object("lightning_optim.callbacks:Nope")
     with pytest.raises(ValueError, match="is not an import path"):
         import_object("not a path")
+
+
+def test_a_failed_builtin_load_is_not_remembered_as_an_empty_registry(monkeypatch):
+    import sys
+
+    from lightning_optim import registry
+
+    for table in ("_OPTIMIZERS", "_OPTIMIZER_ALIASES", "_SCHEDULERS", "_SCHEDULER_ALIASES"):
+        monkeypatch.setattr(registry, table, {})
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setitem(sys.modules, "lightning_optim.builtins", None)  # the import raises ImportError
+    for _ in range(2):  # the second lookup fails the same way, it does not see an empty table
+        with pytest.raises(ImportError):
+            lo.available_optimizers()
+    monkeypatch.delitem(sys.modules, "lightning_optim.builtins")
+    assert "adamw" in lo.available_optimizers() and "wsd" in lo.available_schedulers()
