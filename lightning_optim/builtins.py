@@ -12,7 +12,11 @@ default (Semenov, Pagliardini & Jaggi 2025, arXiv 2509.01440, best 124M settings
 own. :func:`optimizer` refuses an override equal to the signature's value, so the table cannot drift into
 restating the class. A variant is the same class with other overrides (``d-muon`` is ``Muon``). Optimizers
 from optional packages (bitsandbytes) list their defaults in full, because their class cannot be imported
-to read a signature when the extra is not installed.
+to read a signature when the extra is not installed. Two families are generated from a small table of their
+own and spliced in at the end of :data:`OPTIMIZERS`: torchao's low-bit AdamW
+(:data:`lightning_optim.optim.torchao_lowbit.SPECS`) and the wave-2 optimizers
+(:data:`lightning_optim.optim.wave2_specs.SPECS`); both build records from :mod:`lightning_optim.specs` and
+never import the registry.
 
 **The class is the factory** unless construction needs more than ``cls(params, **hp)``: torch's Adam(W)
 choose the fused kernel, SGD checks Nesterov's preconditions, optional packages are imported lazily.

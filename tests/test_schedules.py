@@ -135,3 +135,19 @@ def test_horizon_filled_in_later():
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(sched.schedule(sched.last_epoch))
     assert sched.schedule.total_steps == 12
+
+
+def test_schedule_defaults_are_the_dataclass_fields():
+    """One source per default: a registered schedule's accepted arguments and defaults are its dataclass's."""
+    import dataclasses
+
+    for name, cls in (("cosine", CosineSchedule), ("linear", LinearSchedule), ("wsd", WSDSchedule),
+                      ("inverse-sqrt", InverseSqrtSchedule), ("constant", ConstantSchedule)):
+        own = {f.name: f.default for f in dataclasses.fields(cls)}
+        own.pop("total_steps"), own.pop("warmup_steps")
+        spec = lo.scheduler_info(name)
+        assert spec.schedule_cls is cls and dict(spec.defaults) == own
+        assert spec.needs_total_steps is cls.needs_total_steps
+    assert lo.scheduler_info("wsd").defaults == {"decay_fraction": 0.2, "final_fraction": 0.0,
+                                                  "cooldown_shape": "sqrt", "cooldown_start": None}
+    assert lo.scheduler_info("cosine").defaults == {"final_fraction": 0.01}
