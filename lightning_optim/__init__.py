@@ -7,6 +7,15 @@ Public API (stable names; see README.md)::
     register_optimizer(name, ...)  (decorator)            OptimizerMixin, OptimConfig
     param_groups(module, split_matrices=...)              estimate_memory(...)
     allow_optimizer_module(module)  (class paths from modules beyond the built-in allow-list)
+
+Where an optimizer lives, from definition to step::
+
+    defined     lightning_optim/optim/<name>.py          the algorithm class (its signature holds the defaults)
+    registered  lightning_optim/builtins.py              one record per name: state layout, paper, overrides
+    grouped     lightning_optim/param_groups.py          decay / no-decay / matrix groups of a module
+    built       lightning_optim/registry.py              create_optimizer: lookup, checks, factory(groups, **hp)
+    stepped     optim/<name>.py step(), on the shared bases in optim/_foreach_utils.py (elementwise) and
+                optim/_hybrid.py (Muon family)
 """
 
 from lightning_optim.class_paths import allow_optimizer_module
