@@ -36,9 +36,8 @@ all-to-all the buffer minus the part a rank keeps — taken on the busiest rank.
 collectives) and bandwidth are reported separately; no link speed is assumed.
 
 Shapes: the Llama-style presets of ``lightning_optim.models.gpt.model_config`` (124m, 210m, 583m, 720m) and
-three larger shapes through its overrides (``7b``: 32 layers × 4096, MLP 11008; ``13b``: 40 × 5120, MLP 13824;
-``70b``: 80 × 8192, MLP 28672, full multi-head attention, so ~78B parameters: no grouped-query attention in
-this model), built on the meta device and routed by ``param_groups(split_matrices=True)``.
+the Llama-2 7B, 13B and 70B shapes through its overrides (:data:`SHAPES`; 6.74B, 13.02B and 68.98B parameters,
+the published counts), built on the meta device and routed by ``param_groups(split_matrices=True)``.
 """
 
 from __future__ import annotations
@@ -63,9 +62,12 @@ OPTIMIZERS = ("adamw", "muon", "normuon", "soap")  # d-muon ≡ muon, sf-normuon
 STRATEGIES = ("ddp", "fsdp2", "hsdp")
 SHAPES = {
     "124m": ("124m", {}), "210m": ("210m", {}), "583m": ("583m", {}), "720m": ("720m", {}),
-    "7b": ("720m", dict(n_layer=32, n_embd=4096, n_head=32, mlp_hidden=11008)),
-    "13b": ("720m", dict(n_layer=40, n_embd=5120, n_head=40, mlp_hidden=13824)),
-    "70b": ("720m", dict(n_layer=80, n_embd=8192, n_head=64, mlp_hidden=28672)),
+    # Llama-2 7B / 13B / 70B (Touvron et al. 2023): untied 32000-token embeddings, 70B with 8 KV heads (GQA)
+    "7b": ("720m", dict(n_layer=32, n_embd=4096, n_head=32, mlp_hidden=11008, vocab_size=32000, tie_embeddings=False)),
+    "13b": ("720m", dict(n_layer=40, n_embd=5120, n_head=40, mlp_hidden=13824, vocab_size=32000,
+                         tie_embeddings=False)),
+    "70b": ("720m", dict(n_layer=80, n_embd=8192, n_head=64, n_kv_head=8, mlp_hidden=28672, vocab_size=32000,
+                         tie_embeddings=False)),
 }
 GPUS_PER_NODE = 8  # HSDP's shard group: one node
 
