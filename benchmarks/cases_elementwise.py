@@ -2,8 +2,11 @@
 
 ``CASES`` is read by ``benchmarks/step_time.py`` (every ``benchmarks/cases_*.py`` module is). Each record:
 ``label``, ``ours`` (params → optimizer), ``peers`` (name → params → optimizer, built only if the package
-imports), ``matrices_only`` (peers that only take matrices get the matrices; ours gets the same set). Labels ending in
-``-compiled`` run ours with ``compiled=True``.
+imports), ``matrices_only`` (peers that only take matrices get the matrices; ours gets the same set).
+
+A plain label (``lion``) is ours as a user gets it: ``create_optimizer(name, params)`` with no options, i.e.
+``compiled="auto"`` (the compiled kernels wherever a compiler is present). ``-eager`` runs ours with
+``compiled=False`` (the foreach path); ``-bf16state`` the default path with ``state_dtype="bfloat16"``.
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ CASES = [
     Case("adamw8bit", _ours("adamw8bit"), {}),
 ]
 
-# The same algorithms with ``compiled=True`` (one torch.compile'd loop per tensor), against the same peers.
-_COMPILABLE = ("lion", "signum", "adopt", "ademamix", "mars", "prodigy", "sf-adamw")
-CASES += [Case(f"{c.label}-compiled", _ours(c.label, compiled=True), dict(c.peers))
-          for c in CASES if c.label in _COMPILABLE]
+# The same algorithms on the eager foreach path (compiled=False) and with bf16 state, against the same peers.
+_ELEMENTWISE = ("lion", "signum", "adopt", "ademamix", "mars", "prodigy", "sf-adamw")
+CASES += [Case(f"{c.label}-eager", _ours(c.label, compiled=False), dict(c.peers))
+          for c in CASES if c.label in _ELEMENTWISE]
+CASES += [Case(f"{c.label}-bf16state", _ours(c.label, state_dtype="bfloat16"), dict(c.peers))
+          for c in CASES if c.label in _ELEMENTWISE]

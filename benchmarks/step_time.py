@@ -8,6 +8,9 @@ per round — so load changes on the machine hit all alike; the median over roun
 
     python benchmarks/step_time.py                       # all cases → benchmarks/results/step_time.md/.png
     python benchmarks/step_time.py --only lion,adopt --steps 20 --threads 2 --out /tmp/st
+    python benchmarks/step_time.py --device cuda --only lion --out /tmp/st_gpu     # on a GPU (gpu_check.py does)
+
+Unset ``LIGHTNING_OPTIM_COMPILE`` (``=0`` makes the default path eager): the table is meant to show the default.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def gpt_params(n_layer: int = 6, width: int = 512, vocab: int = 8192, block: int = 1024, seed: int = 0,
-               matrices_only: bool = False) -> list[torch.nn.Parameter]:
+               matrices_only: bool = False, device: str | torch.device = "cpu") -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     shapes: list[tuple[int, ...]] = [] if matrices_only else [(vocab, width), (block, width)]
     for _ in range(n_layer):
@@ -36,9 +39,9 @@ def gpt_params(n_layer: int = 6, width: int = 512, vocab: int = 8192, block: int
         shapes += layer
     if not matrices_only:
         shapes += [(width,), (width,)]
-    ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
+    ps = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device)) for s in shapes]
     for p in ps:
-        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device)
     return ps
 
 
@@ -62,7 +65,12 @@ def _restore_grads(opt: torch.optim.Optimizer, grads: dict[int, torch.Tensor]) -
                 p.grad = grads[id(p)]
 
 
-def _time_round(opts: dict, rounds: int, warmup: int) -> dict[str, float]:
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_round(opts: dict, rounds: int, warmup: int, device: str = "cpu") -> dict[str, float]:
     grads = {name: {id(p): p.grad for g in getattr(opt, "param_groups", []) for p in g["params"] if p.grad is not None}
              for name, opt in opts.items()}
     for _ in range(warmup):
@@ -73,21 +81,26 @@ def _time_round(opts: dict, rounds: int, warmup: int) -> dict[str, float]:
     for _ in range(rounds):
         for name, opt in opts.items():
             _restore_grads(opt, grads[name])
+            _sync(device)
             t0 = time.perf_counter()
             opt.step()
+            _sync(device)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def run(only: set[str] | None, steps: int, warmup: int) -> list[dict]:
+def run(only: set[str] | None, steps: int, warmup: int, device: str = "cpu", scale: dict | None = None,
+        cases: list | None = None) -> list[dict]:
+    """Time every case (``only``: labels to keep; ``cases``: instead of :func:`load_cases`) on ``device``;
+    ``scale`` overrides :func:`gpt_params`' shape (``gpu_check.py --smoke`` uses a toy one)."""
     rows = []
-    for case in load_cases():
+    for case in load_cases() if cases is None else cases:
         if only and case.label not in only:
             continue
         opts = {}
         for name, build in [("ours", case.ours), *case.peers.items(), ("fused AdamW", None)]:
             try:
-                ps = gpt_params(matrices_only=case.matrices_only)
+                ps = gpt_params(matrices_only=case.matrices_only, device=device, **(scale or {}))
                 opts[name] = torch.optim.AdamW(ps, lr=1e-3, fused=True) if build is None else build(ps)
             except Exception as err:  # a peer not installed, or one that fails on CPU: reported, not fatal
                 if name == "ours":
@@ -96,7 +109,7 @@ def run(only: set[str] | None, steps: int, warmup: int) -> list[dict]:
                       file=sys.stderr)
         if "ours" not in opts:
             continue
-        ms = _time_round(opts, steps, warmup)
+        ms = _time_round(opts, steps, warmup, device)
         peers = {k: v for k, v in ms.items() if k not in ("ours", "fused AdamW")}
         best = min(peers.items(), key=lambda kv: kv[1]) if peers else (None, float("nan"))
         row = dict(label=case.label, ours=ms["ours"], best_peer=best[0], best_ms=best[1], peers=peers,
@@ -143,19 +156,30 @@ def write(rows: list[dict], out: Path, meta: str) -> None:
         print(f"plot skipped: {err}", file=sys.stderr)
 
 
+def _default_path(device: str = "cpu") -> str:
+    """What ``compiled="auto"`` resolves to here (the elementwise methods' default)."""
+    from lightning_optim.optim._foreach_utils import compile_available
+
+    ok, why = compile_available(torch.device(device).type)
+    return "compiled='auto' → compiled kernels (the first warm-up step compiles)" if ok else f"compiled='auto' → eager ({why})"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated case labels")
     ap.add_argument("--steps", type=int, default=15, help="timed rounds (one step of each optimizer per round)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the reference figures use 2)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=str(HERE / "results" / "step_time"), help="output path without suffix")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
-    rows = run(only, args.steps, args.warmup)
-    meta = (f"GPT shape 6×512, vocab 8192 (23.6M parameters, float32), CPU, {args.threads} threads, torch "
-            f"{torch.__version__}; median of {args.steps} alternating rounds after {args.warmup} warm-up rounds.")
+    rows = run(only, args.steps, args.warmup, args.device)
+    meta = (f"GPT shape 6×512, vocab 8192 (23.6M parameters, float32), "
+            f"{'CPU, ' + str(args.threads) + ' threads' if args.device == 'cpu' else args.device}, torch "
+            f"{torch.__version__}; median of {args.steps} alternating rounds after {args.warmup} warm-up rounds. "
+            f"Ours as built by create_optimizer(name, params): {_default_path(args.device)}.")
     write(rows, Path(args.out), meta)
     print(f"wrote {Path(args.out).with_suffix('.md')}")
 
