@@ -30,8 +30,10 @@ settings; lr as the package's AdamW). pytorch-optimizer's ``AdamMini`` implement
 the algorithm box written plainly instead.
 
 State per parameter: ``exp_avg`` (parameter-sized, the parameter's dtype), ``v_block`` (one float32 number per
-block), ``step``. FSDP2 DTensor parameters are refused at construction (registry: ``supports_dtensor=False``):
-a head block may straddle two shards.
+block), ``step``. FSDP2: ``exp_avg`` is sharded like the parameter; the per-row sums of ``g²`` (``rows``
+numbers) are all-reduced across the row shards each step, so a head block that straddles two shards gets the
+same ``v_block`` on every rank, and ``v_block`` is a replicated DTensor. Other layouts (column sharding,
+tensor parallelism) are refused at construction, naming the parameter.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from typing import Any, Sequence
 
 import torch
 
-from lightning_optim.optim._per_tensor import (check_betas, check_count, check_nonneg, check_positive, next_step, up,
-                                               write_back)
+from lightning_optim.optim._per_tensor import (DTensor, check_betas, check_count, check_nonneg, check_positive,
+                                               is_dtensor, local, next_step, up, write_back)
 
 __all__ = ["AdamMini", "block_segments"]
 
@@ -113,9 +115,11 @@ class AdamMini(torch.optim.Optimizer):
                                       k_names=_names(k_names, "k_names"),
                                       qkv_names=_names(qkv_names, "qkv_names")))
         self._warned = False
-        for group in self.param_groups:  # a bad head count is refused now, naming the parameter
+        for gi, group in enumerate(self.param_groups):  # a bad head count or layout is refused now, named
+            names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 self._segments(group, i, p)
+                check_placements(p, repr(names[i]) if names and i < len(names) else f"(group {gi} item {i})")
 
     def _segments(self, group: dict[str, Any], index: int, p: torch.Tensor) -> list[tuple[int, int]]:
         names = group.get("param_names")
@@ -146,30 +150,90 @@ class AdamMini(torch.optim.Optimizer):
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["v_block"] = torch.zeros(sum(nb for nb, _ in segments), dtype=torch.float32,
-                                                   device=p.device)
+                    state["v_block"] = _replicated_like(p, torch.zeros(sum(nb for nb, _ in segments),
+                                                                        dtype=torch.float32, device=local(p).device))
                 t = next_step(state)
                 if p.numel() == 0:
                     continue
-                x, g, m = up(p), up(p.grad), up(state["exp_avg"])
+                x_store, m_store = local(p), local(state["exp_avg"])
+                x, g, m = up(x_store), up(local(p.grad)), up(m_store)
                 rows = p.shape[0] if p.ndim >= 2 else 1
-                row_sq = g.reshape(rows, -1).square().mean(dim=1)
-                block_sq, start = [], 0
+                start, local_rows = _local_rows(p, x_store, rows)
+                row_sq = _row_square_sums(p, g, rows, start, local_rows) / (p.numel() // rows)
+                block_sq, first = [], 0
                 for nb, rpb in segments:
-                    block_sq.append(row_sq[start:start + nb * rpb].view(nb, rpb).mean(dim=1))
-                    start += nb * rpb
-                v = state["v_block"]
+                    block_sq.append(row_sq[first:first + nb * rpb].view(nb, rpb).mean(dim=1))
+                    first += nb * rpb
+                v = local(state["v_block"])
                 v.mul_(beta2).add_(torch.cat(block_sq), alpha=1.0 - beta2)
                 denom = (v / (1.0 - beta2 ** t)).sqrt_().add_(eps)
-                per_row, start = [], 0
+                per_row, first = [], 0
                 for nb, rpb in segments:
-                    per_row.append(denom[start:start + nb].repeat_interleave(rpb))
-                    start += nb
+                    per_row.append(denom[first:first + nb].repeat_interleave(rpb))
+                    first += nb
+                row_denom = torch.cat(per_row)[start:start + local_rows].unsqueeze(1)
                 m.lerp_(g, 1.0 - beta1)
                 if wd != 0:
                     x.mul_(1.0 - lr * wd)
-                step_ = (m / (1.0 - beta1 ** t)).reshape(rows, -1) / torch.cat(per_row).unsqueeze(1)
-                x.sub_(step_.reshape(p.shape), alpha=lr)
-                write_back(state["exp_avg"], m)
-                write_back(p, x)
+                x.sub_(((m / (1.0 - beta1 ** t)).reshape(local_rows, -1) / row_denom).reshape(x.shape), alpha=lr)
+                write_back(m_store, m)
+                write_back(x_store, x)
         return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FSDP2: row shards (Shard(0), optionally under Replicate for HSDP); the block statistics are all-reduced
+
+
+def check_placements(p: torch.Tensor, label: str) -> None:
+    """Refuse a DTensor layout other than one ``Shard(0)`` (plus ``Replicate``), naming the parameter."""
+    if not is_dtensor(p):
+        return
+    shards = [pl for pl in p.placements if pl.is_shard()]
+    bad = [pl for pl in p.placements if not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0))]
+    if bad or len(shards) > 1:
+        raise ValueError(f"adam-mini: parameter {label} has DTensor placements {tuple(p.placements)}; only row "
+                         "sharding (Shard(0), as FSDP2 does, optionally with Replicate() for HSDP) is supported")
+
+
+def _shard_dim(p: torch.Tensor) -> int | None:
+    if not is_dtensor(p):
+        return None
+    return next((d for d, pl in enumerate(p.placements) if pl.is_shard()), None)
+
+
+def _local_rows(p: torch.Tensor, x_local: torch.Tensor, rows: int) -> tuple[int, int]:
+    """``(first global row, rows held here)``; a 1-D tensor is one row held by every shard."""
+    dim = _shard_dim(p)
+    if dim is None or p.ndim < 2:
+        return 0, rows
+    n, coord = p.device_mesh.size(dim), p.device_mesh.get_local_rank(dim)
+    chunk = -(-rows // n)  # DTensor's Shard(0) split: ceil(rows / n) rows per rank, the last ones fewer or none
+    start = min(coord * chunk, rows)
+    if x_local.shape[0] != max(0, min(chunk, rows - start)):
+        raise ValueError(f"adam-mini: a row shard of {x_local.shape[0]} rows at rank {coord} of {n} is not "
+                         f"DTensor's even split of {rows} rows")
+    return start, x_local.shape[0]
+
+
+def _row_square_sums(p: torch.Tensor, g: torch.Tensor, rows: int, start: int, local_rows: int) -> torch.Tensor:
+    """Σ g² of every row of the whole tensor (float32, ``rows`` long), all-reduced across row shards."""
+    local_sums = g.reshape(local_rows if p.ndim >= 2 else 1, -1).square().sum(dim=1)
+    dim = _shard_dim(p)
+    if dim is None:
+        return local_sums
+    import torch.distributed as dist
+
+    full = torch.zeros(rows, dtype=torch.float32, device=g.device)
+    full[start:start + local_sums.shape[0]] = local_sums
+    dist.all_reduce(full, group=p.device_mesh.get_group(dim))
+    return full
+
+
+def _replicated_like(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a DTensor replicated over ``p``'s mesh when ``p`` is a DTensor (checkpoints see one copy)."""
+    if not is_dtensor(p):
+        return t
+    from torch.distributed.tensor import Replicate
+
+    return DTensor.from_local(t, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)

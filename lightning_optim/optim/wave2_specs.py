@@ -74,8 +74,6 @@ SPECS: tuple[OptimizerSpec, ...] = (
         reference="https://github.com/zyushun/Adam-mini (v1.1 block rule)",
         description="Adam with one second moment per Hessian block instead of per element",
         aliases=("adammini",),
-        supports_dtensor=False,
-        dtensor_note="a head block may straddle two FSDP2 shards; use DDP, or adamw under FSDP2",
     ),
     OptimizerSpec(
         name="galore", factory=galore.GaLore, defaults=_GALORE, family="low-rank",
