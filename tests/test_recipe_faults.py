@@ -109,7 +109,8 @@ def test_sigkill_while_saving_to_another_filesystem_then_resume_last(tmp_path, t
         proc.wait()
         steps = [p for p in ckpt_dir.glob("*.ckpt")]
         assert steps, log.read_text()[-3000:]
-        resume_args = [*size_override(cache, steps=200), *args[len(size_override(cache)):], "--ckpt_path", "last"]
+        newest = max(int(p.stem[4:]) for p in ckpt_dir.glob("step*.ckpt"))
+        resume_args = [*size_override(cache, steps=newest + 2), *args[len(size_override(cache)):], "--ckpt_path", "last"]
         resumed = subprocess.run([sys.executable, str(RECIPES / "tiny.py"), *resume_args], capture_output=True,
                                  text=True, env=run_env, cwd=tmp_path, timeout=300)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
