@@ -408,3 +408,53 @@ def test_state_round_trips_with_weights_only_and_resumes_exactly(name):
 def test_bad_hyperparameters_are_refused_naming_the_field(make, field):
     with pytest.raises(ValueError, match=field):
         make([torch.nn.Parameter(torch.zeros(3, 3))])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DTensor code paths (one-process gloo mesh; the 2-process FSDP2 runs are in tests/conformance)
+
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["lamb", "stable-adamw", "adam-mini"])
+def test_row_sharded_dtensors_take_the_plain_steps(name, one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    make = {"lamb": lambda gs: LAMB(gs, lr=0.02), "stable-adamw": lambda gs: StableAdamW(gs, lr=0.02),
+            "adam-mini": lambda gs: AdamMini(gs, lr=0.02, n_heads=2)}[name]
+
+    def run(as_dtensor: bool) -> list[torch.Tensor]:
+        ws = [w.float() for w in start_weights(MINI_SHAPES)]
+        wrap = (lambda t: distribute_tensor(t, one_rank_mesh, [Shard(0)])) if as_dtensor else (lambda t: t)
+        ps = [torch.nn.Parameter(wrap(w)) for w in ws]
+        opt = make([{"params": ps, "param_names": MINI_NAMES}])
+        for t in range(1, 11):
+            for i, p in enumerate(ps):
+                local = p.to_local() if as_dtensor else p
+                p.grad = wrap(gradient(local.detach(), t, i).float())
+            opt.step()
+        if as_dtensor:
+            assert all(type(v).__name__ == "DTensor" for v in opt.state[ps[0]].values() if v.ndim > 0)
+        return [(p.to_local() if as_dtensor else p).detach().double() for p in ps]
+
+    assert max_diff(run(True), run(False)) == 0.0
+
+
+def test_adam_mini_refuses_column_sharded_dtensors_naming_the_parameter(one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = torch.nn.Parameter(distribute_tensor(torch.zeros(12, 4), one_rank_mesh, [Shard(1)]))
+    with pytest.raises(ValueError, match=r"'blocks.0.attn.qkv.weight' has DTensor placements"):
+        AdamMini([{"params": [w], "param_names": ["blocks.0.attn.qkv.weight"]}], n_heads=2)
