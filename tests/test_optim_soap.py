@@ -156,9 +156,15 @@ def test_shampoo_beta_default_and_first_step_only_initialises():
 
 
 def test_matches_pytorch_optimizer_soap():
+    """Against pytorch-optimizer's SOAP on parameters whose Shampoo factors are full rank from the first step.
+
+    A non-square matrix's larger factor starts from one gradient, rank min(m, n): its eigenbasis is only
+    defined up to a rotation of the null space, and which rotation eigh returns depends on precision and
+    LAPACK path (pytorch-optimizer 4.1 and ours differ by ~lr there from the first update, both valid). The
+    non-square path is held to the reference's algorithm by ``test_matches_plain_rendition_50_steps``."""
     pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
     torch.manual_seed(1)
-    shapes = [(16, 8), (8,), (5, 3, 2)]
+    shapes = [(8, 8), (8,), (5, 3, 2)]
     ps = [torch.randn(s, dtype=torch.float64) for s in shapes]
     a = [p.clone().requires_grad_() for p in ps]
     b = [p.clone().requires_grad_() for p in ps]
