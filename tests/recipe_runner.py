@@ -35,8 +35,9 @@ def size_override(cache: str, steps: int = 2, global_batch: int = 4) -> list[str
 
 
 def cheap_cell(cache: str) -> list[str]:
-    """``size_override`` plus: one CPU process, no logger, no checkpoint files, no progress bar, no validation."""
-    return [*size_override(cache), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+    """``size_override`` plus: a 512-row vocabulary, one CPU process, no logger, no checkpoint files, no progress bar,
+    no validation."""
+    return [*size_override(cache), "--model.vocab_size", "512", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false", "--data.val_every_n_steps", "1000"]
 

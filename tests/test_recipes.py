@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from tests.recipe_runner import STRATEGY_YAMLS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -80,8 +83,11 @@ def test_command_line_run_and_exact_resume(tmp_path, cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", [p.stem for p in STRATEGY_YAMLS])
 def test_two_process_cpu_matches_one_process(tmp_path, cache, strategy):
+    config = yaml.safe_load((RECIPES / "configs" / f"{strategy}.yaml").read_text())
+    if config["trainer"].get("accelerator") == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip(f"{strategy}.yaml needs 2 CUDA GPUs (on CPU it must stop before launching: test_recipe_matrix)")
     from tests.dist_utils import run_distributed
 
     args = [*small(cache), "--trainer.max_steps", "3", "--optim.lr", "0.01"]
