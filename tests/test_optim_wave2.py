@@ -460,6 +460,15 @@ def test_row_sharded_dtensors_take_the_plain_steps(name, one_rank_mesh):
     assert max_diff(run(True), run(False)) == 0.0
 
 
+@pytest.mark.parametrize("cls", [GaLore, APOLLO])
+def test_low_rank_optimizers_refuse_dtensors_naming_the_parameter(cls, one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = torch.nn.Parameter(distribute_tensor(torch.zeros(6, 4), one_rank_mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match=r"'blocks.0.mlp.up.weight' is a DTensor"):
+        cls([{"params": [w], "param_names": ["blocks.0.mlp.up.weight"]}])
+
+
 def test_adam_mini_refuses_column_sharded_dtensors_naming_the_parameter(one_rank_mesh):
     from torch.distributed.tensor import Shard, distribute_tensor
 

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._per_tensor import (check_betas, check_count, check_nonneg, check_positive,
-                                               is_matrix_param, next_step, up, write_back)
+                                               is_dtensor, is_matrix_param, next_step, up, write_back)
 
 __all__ = ["LowRankAdam", "as_matrix", "project", "project_back", "adam_direction", "low_rank_shape",
-           "projector_shape", "effective_rank", "apply_update", "check_low_rank"]
+           "projector_shape", "effective_rank", "apply_update", "check_low_rank", "refuse_dtensors"]
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,18 @@ def check_low_rank(lr: Any, betas: Any, eps: Any, weight_decay: Any, rank: Any, 
     check_count("rank", rank)
     check_count("update_proj_gap", update_proj_gap)
     return check_betas(betas)
+
+
+def refuse_dtensors(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """Refuse FSDP2 DTensor parameters at construction, naming the first: the projection needs whole matrices.
+    (The registry refuses them too, from the spec; this covers direct construction.)"""
+    for gi, group in enumerate(optimizer.param_groups):
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if is_dtensor(p):
+                label = repr(names[i]) if names and i < len(names) else f"(group {gi} item {i})"
+                raise ValueError(f"{name}: parameter {label} is a DTensor (FSDP2 shard); the projection needs whole "
+                                 "matrices, so use DDP, or an elementwise optimizer under FSDP2")
 
 
 def uses_projection(group: dict[str, Any], p: torch.Tensor) -> bool:

@@ -29,8 +29,8 @@ update instead of a rescaled full-rank gradient); the tests compare against the 
 
 State per matrix: ``exp_avg``, ``exp_avg_sq`` (``r × max(m, n)``), ``projector`` (``r × min(m, n)``),
 ``scaled_norm`` (0-d), ``step``; per other parameter AdamW's ``exp_avg``, ``exp_avg_sq``. FSDP2 DTensor
-parameters are refused at construction (registry: ``supports_dtensor=False``): the projection and the
-channel norms need the whole matrix.
+parameters are refused at construction, by the class and by the registry (``supports_dtensor=False``): the
+projection and the channel norms need the whole matrix.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from lightning_optim.optim._low_rank import LowRankAdam, adam_direction, check_low_rank
+from lightning_optim.optim._low_rank import LowRankAdam, adam_direction, check_low_rank, refuse_dtensors
 from lightning_optim.optim._per_tensor import check_positive
 
 __all__ = ["APOLLO", "projection_seed"]
@@ -72,6 +72,7 @@ class APOLLO(LowRankAdam):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale, scale_type=scale_type,
                                       norm_growth_limit=norm_growth_limit, seed=seed))
+        refuse_dtensors(self, "apollo")
 
     def refresh(self, group: dict[str, Any], g: torch.Tensor, right: bool, rank: int, position: int,
                 refresh_index: int) -> torch.Tensor:

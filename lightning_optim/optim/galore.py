@@ -21,8 +21,8 @@ the same algorithm (the tests compare against it and against the box above writt
 
 State per matrix: ``exp_avg``, ``exp_avg_sq`` (``r × max(m, n)``), ``projector`` (``r × min(m, n)``), ``step``;
 per other parameter AdamW's ``exp_avg``, ``exp_avg_sq``. All in the parameter's dtype, computed in float32.
-FSDP2 DTensor parameters are refused at construction (registry: ``supports_dtensor=False``): the SVD needs the
-whole matrix.
+FSDP2 DTensor parameters are refused at construction, by the class and by the registry
+(``supports_dtensor=False``): the SVD needs the whole matrix.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lightning_optim.optim._low_rank import LowRankAdam, adam_direction, check_low_rank, project_back
+from lightning_optim.optim._low_rank import LowRankAdam, adam_direction, check_low_rank, project_back, refuse_dtensors
 
 __all__ = ["GaLore"]
 
@@ -45,6 +45,7 @@ class GaLore(LowRankAdam):
         betas = check_low_rank(lr, betas, eps, weight_decay, rank, update_proj_gap, scale)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale))
+        refuse_dtensors(self, "galore")
 
     def refresh(self, group: dict[str, Any], g: torch.Tensor, right: bool, rank: int, position: int,
                 refresh_index: int) -> torch.Tensor:
