@@ -3,6 +3,7 @@
     lightning-optim list                                   every optimizer and schedule
     lightning-optim info muon                              one optimizer's spec
     lightning-optim info wsd                               one schedule's defaults
+    lightning-optim compare-runs lightning_logs/llama124m  loss vs tokens / wall-clock, lr, grad norm: PNG + table
     lightning-optim memory --params 7e9 --optimizer adamw  parameters / gradients / state / total
     lightning-optim memory --preset 124m --optimizer muon --weight-dtype bf16 --state-dtype fp32 --shard 8
 """
@@ -92,6 +93,15 @@ def _memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_runs(args: argparse.Namespace) -> int:
+    from lightning_optim.compare_runs import write_comparison
+
+    png, md = write_comparison(args.dirs, args.out)
+    print(md.read_text())
+    print(f"wrote {png} and {md}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-optim", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--sharding", default="full", choices=["full", "grad_op", "optimizer"],
                      help="what the ranks split: full (FSDP/ZeRO-3), grad_op (ZeRO-2), optimizer (ZeRO-1)")
     mem.set_defaults(func=_memory)
+    cmp = sub.add_parser("compare-runs", help="runs side by side from TensorBoard event files: a PNG and a table")
+    cmp.add_argument("dirs", nargs="+", help="run folders or folders above them (lightning_logs/<name>)")
+    cmp.add_argument("--out", default="compare-runs", help="folder for compare-runs.png and compare-runs.md")
+    cmp.set_defaults(func=_compare_runs)
     return parser
 
 

@@ -96,6 +96,14 @@ def test_every_readme_recipe_command_runs(tmp_path_factory):
 @pytest.mark.parametrize("line", CLI_COMMANDS)
 def test_every_readme_cli_command_runs(line, tmp_path):
     argv, _ = _argv(line)
+    if argv[1] == "compare-runs":  # give it a run to read: a few logged steps, as a recipe writes them
+        from torch.utils.tensorboard import SummaryWriter
+
+        for folder in (a for a in argv[2:] if not a.startswith("-")):
+            writer = SummaryWriter(str(tmp_path / folder / "version_0"))
+            for step in range(5):
+                writer.add_scalar("train/loss", 6.0 - 0.1 * step, step)
+            writer.close()
     proc = run_command(["python", "-m", "lightning_optim.cli", *argv[1:]], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip()
