@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -42,6 +41,7 @@ from typing import Any, Mapping
 import torch
 import yaml
 
+from lightning_optim.class_paths import import_object
 from lightning_optim.param_groups import GroupingRules, param_groups
 from lightning_optim.validation import check_value
 from lightning_optim.registry import (
@@ -215,11 +215,6 @@ def _known_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in dict(data).items() if k in names and not k.startswith("_")}
 
 
-def _import_path(path: str) -> Any:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 class OptimizerMixin:
     """Gives a LightningModule a registry-backed ``configure_optimizers`` (see the module docstring)."""
 
@@ -250,6 +245,12 @@ class OptimizerMixin:
         """The parameter groups handed to the optimizer. Override to change the grouping."""
         return param_groups(self, split_matrices=split_matrices, rules=config.grouping_rules())
 
+    def model_hyperparameters(self) -> dict[str, Any]:
+        """Facts about the model that optimizers may take as hyperparameters (e.g. ``{"n_heads": 12}`` for
+        Adam-mini's per-head blocks). Each fills only a hyperparameter the chosen optimizer accepts and the user left
+        ``None``. Override to provide them; the default provides none."""
+        return {}
+
     def _optim_horizon(self, config: OptimConfig) -> int | None:
         if config.total_steps is not None:
             return config.total_steps
@@ -264,6 +265,9 @@ class OptimizerMixin:
         groups = self.optimizer_param_groups(config, split_matrices=spec.hybrid)
         hyperparameters = config.optimizer_kwargs()
         horizon = self._optim_horizon(config)
+        for name, value in self.model_hyperparameters().items():  # e.g. Adam-mini's n_heads from the model
+            if name in spec.defaults and hyperparameters.get(name, spec.defaults.get(name)) is None:
+                hyperparameters[name] = value
         for name in spec.horizon_hyperparameters:  # e.g. AdEMAMix's alpha/beta3 warmups = the run's length
             if hyperparameters.get(name, spec.defaults.get(name)) is None and horizon is not None:
                 hyperparameters[name] = horizon
@@ -292,7 +296,7 @@ class OptimizerMixin:
         trainer = getattr(self, "_trainer", None)
         present = {type(cb) for cb in (trainer.callbacks if trainer is not None else [])} | {type(c) for c in callbacks}
         for path in spec.callbacks:
-            cls = _import_path(path)
+            cls = import_object(path)
             if cls not in present:
                 callbacks.append(cls())
         return callbacks

@@ -59,9 +59,11 @@ class StateLayout:
         return self.tensors * n + (self.extra(shape) if self.extra is not None else 0)
 
     def describe(self) -> str:
-        text = "0" if not self.tensors else f"{self.tensors:g}×P"
+        text = "" if not self.tensors else f"{self.tensors:g}×P"
         if self.extra is not None:
-            text += " + " + (getattr(self.extra, "__doc__", None) or "shape-dependent").strip().lstrip("+ ")
+            label = (getattr(self.extra, "__doc__", None) or "shape-dependent").strip().lstrip("+ ")
+            text = f"{text} + {label}" if text else label
+        text = text or "0"
         if self.bytes_per_element is not None:
             text += f" @ {self.bytes_per_element:g} B/elem"
         return text

@@ -55,7 +55,7 @@ from lightning_optim.checkpoint_io import VerifiedCheckpointIO  # noqa: E402
 from lightning_optim.data.datamodule import TokenDataModule, batch_geometry  # noqa: E402
 from lightning_optim.mixin import OptimConfig  # noqa: E402
 from lightning_optim.models.module import LanguageModel  # noqa: E402
-from lightning_optim.models.throughput import TokenThroughput  # noqa: E402
+from lightning_optim.callbacks.throughput import TokenThroughput  # noqa: E402
 
 __all__ = ["RecipeCLI", "main", "RECIPES", "ConfigError"]
 

@@ -89,6 +89,10 @@ class LanguageModel(OptimizerMixin, L.LightningModule):
         self.hparams.update(_plain_data(settings))
         self._hparams_initial = copy.deepcopy(self._hparams)
 
+    def model_hyperparameters(self) -> dict[str, Any]:
+        """The attention head count, for optimizers that block their state per head (Adam-mini's ``n_heads``)."""
+        return {"n_heads": int(self.config.n_head)}
+
     # -- protocol for z-loss / Sophia --------------------------------------------------------------------------
 
     def output_head(self) -> nn.Module:
