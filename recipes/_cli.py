@@ -70,45 +70,47 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model": {"preset": "tiny", "arch": "llama"},
         "data": {"seq_len": 128, "global_batch_size": 16, "val_every_n_steps": 50, "val_sequences": 64},
         "optimizer": "adamw", "optimizer_settings": {"lr": 3e-3, "betas": [0.9, 0.99], "weight_decay": 0.1},
-        "scheduler": "cosine", "warmup_steps": 20, "max_grad_norm": 1.0,
+        "scheduler": "cosine", "warmup_steps": 20, "max_grad_norm": 1.0, "norms_every_n_steps": 50,
         "trainer": {"max_steps": 250, "log_every_n_steps": 5},
     },
     "124m": {
         "model": {"preset": "124m"},
         "data": {"seq_len": 512, "global_batch_size": 256, "micro_batch_size": 32, "val_every_n_steps": 500},
         "optimizer": "adamw", "optimizer_settings": _BENCH_ADAMW,
-        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.5,
+        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.5, "norms_every_n_steps": 500,
         "trainer": {"max_steps": 19000},
     },
     "210m": {
         "model": {"preset": "210m"},
         "data": {"seq_len": 512, "global_batch_size": 256, "micro_batch_size": 32, "val_every_n_steps": 500},
         "optimizer": "adamw", "optimizer_settings": _BENCH_ADAMW,
-        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.5,
+        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.5, "norms_every_n_steps": 500,
         "trainer": {"max_steps": 32000},
     },
     "583m": {
         "model": {"preset": "583m"},
         "data": {"seq_len": 512, "global_batch_size": 256, "micro_batch_size": 16, "val_every_n_steps": 1000},
         "optimizer": "adamw", "optimizer_settings": _BENCH_ADAMW,
-        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.1,
+        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.1, "norms_every_n_steps": 500,
         "trainer": {"max_steps": 89000},
     },
     "720m": {
         "model": {"preset": "720m"},
         "data": {"seq_len": 512, "global_batch_size": 256, "micro_batch_size": 16, "val_every_n_steps": 1000},
         "optimizer": "adamw", "optimizer_settings": _BENCH_ADAMW,
-        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.1,
+        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.1, "norms_every_n_steps": 500,
         "trainer": {"max_steps": 110000},
     },
 }
 
 # The stability callbacks every recipe turns on (each: --<group>.enabled false, or retune by flag / YAML).
+# NonFiniteGuard(max_consecutive=5) and LossSpikeDetector(window=128, threshold=6.0) keep their own defaults;
+# GradientClipping's max_norm is the recipe's max_grad_norm, LayerNormMonitor's interval its norms_every_n_steps.
 STABILITY = {
     "nonfinite": (NonFiniteGuard, {}),
     "spike": (LossSpikeDetector, {"action": "skip"}),
-    "clipping": (GradientClipping, {}),  # max_norm: the recipe's max_grad_norm
-    "norms": (LayerNormMonitor, {"every_n_steps": 100}),
+    "clipping": (GradientClipping, {}),
+    "norms": (LayerNormMonitor, {}),
 }
 
 
@@ -170,7 +172,7 @@ class RecipeCLI(LightningCLI):
             "checkpoint.mode": "max", "checkpoint.save_last": True, "checkpoint.filename": "step{step:07d}",
             "checkpoint.auto_insert_metric_name": False, "lr_monitor.logging_interval": "step",
             "optim.name": recipe["optimizer"], "optim.warmup_steps": recipe["warmup_steps"],
-            "clipping.max_norm": recipe["max_grad_norm"],
+            "clipping.max_norm": recipe["max_grad_norm"], "norms.every_n_steps": recipe["norms_every_n_steps"],
         }
         for group, (_, values) in STABILITY.items():
             defaults.update({f"{group}.{k}": v for k, v in values.items()})
