@@ -182,6 +182,19 @@ class RecipeCLI(LightningCLI):
 
     # -- configuration checks and layering, before anything is built or launched --------------------------------
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI's, except that ``--print_config`` prints the *effective* configuration (the optimizer
+        settings after :mod:`_layering`, the capped warmup) instead of the parser's unset values."""
+        argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, tuple, type(None))) else None
+        wants = [a for a in (argv or []) if a == "--print_config" or a.startswith("--print_config=")]
+        if not wants:
+            super().parse_arguments(parser, args)
+            return
+        super().parse_arguments(parser, [a for a in argv if a not in wants])
+        self.before_instantiate_classes()
+        print(parser.dump(self.config, skip_none=False), end="")
+        raise SystemExit(0)
+
     def before_instantiate_classes(self) -> None:
         try:
             self._check_and_layer()

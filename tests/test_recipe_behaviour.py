@@ -158,3 +158,13 @@ def test_info_schedule_and_optimizer():
 
     assert cli_main(["info", "wsd"]) == 0
     assert cli_main(["info", "muon"]) == 0
+
+
+def test_print_config_shows_the_effective_settings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe(LLAMA124M, ["--optim.name", "lion", "--trainer.max_steps", "40", "--print_config"])
+    assert exit_info.value.code == 0
+    optim = yaml.safe_load(capsys.readouterr().out)["optim"]
+    assert optim["name"] == "lion" and optim["lr"] == 1e-3 and optim["betas"] == [0.9, 0.99]
+    assert optim["eps"] is None  # the recipe's AdamW eps does not leak into Lion
+    assert optim["warmup_steps"] == 10 and optim["scheduler"] == "cosine"  # capped to a quarter of 40 steps
