@@ -49,6 +49,7 @@ from lightning_optim.optim import (
     torch_builtin,
     torchao_lowbit,
     wave2_specs,
+    wave2b_specs,
 )
 from lightning_optim.optim._hybrid import ADAMW_ROUTING
 from lightning_optim.schedules import (ConstantSchedule, CosineSchedule, InverseSqrtSchedule, LinearSchedule, Schedule,
@@ -323,6 +324,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     # torchao's low-bit AdamW (optional extra 'torchao'): adamw8bit-torchao, adamw4bit, adamw-fp8
     *torchao_lowbit.SPECS,
     *wave2_specs.SPECS,  # issue 17 first batch: lamb, stable-adamw, adam-mini, galore, apollo, apollo-mini
+    *wave2b_specs.SPECS,  # issue 17 second batch: scion
 )
 
 
