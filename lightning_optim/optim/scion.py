@@ -128,7 +128,7 @@ class Scion(torch.optim.Optimizer):
         for i, p in enumerate(ps):
             p = p[1] if isinstance(p, tuple) else p
             if is_dtensor(p):
-                label = names[i] if i < len(names) and names[i] else f"{where} item {i} shape {tuple(p.shape)}"
+                label = repr(names[i]) if i < len(names) and names[i] else f"{where} item {i} shape {tuple(p.shape)}"
                 raise ValueError(f"scion: parameter {label} is a DTensor (FSDP2 shard); the spectral LMO needs "
                                  "whole matrices: use DDP, or an elementwise optimizer under FSDP2")
         param_group = {**param_group, "params": ps}
