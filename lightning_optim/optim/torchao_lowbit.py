@@ -47,13 +47,13 @@ TORCHAO_OPTIMIZERS = {
 }
 
 _DESCRIPTIONS = {
-    "adamw8bit-torchao": ("AdamW with block-wise 8-bit moments (torchao; FSDP2/DTensor-ready)",
+    "adamw8bit-torchao": ("AdamW with block-wise 8-bit moments (torchao; DTensor-aware state)",
                           "Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization (arXiv 2110.02861)",
                           ("adamw-8bit-torchao", "torchao-adamw8bit")),
-    "adamw4bit": ("AdamW with block-wise 4-bit moments (torchao; FSDP2/DTensor-ready)",
+    "adamw4bit": ("AdamW with block-wise 4-bit moments (torchao; DTensor-aware state)",
                   "Li et al. 2023, Memory Efficient Optimizers with 4-bit States (arXiv 2309.01507)",
                   ("adamw4bit-torchao", "adamw-4bit")),
-    "adamw-fp8": ("AdamW with block-scaled FP8 (e4m3) moments (torchao; FSDP2/DTensor-ready)",
+    "adamw-fp8": ("AdamW with block-scaled FP8 (e4m3) moments (torchao; DTensor-aware state)",
                   "torchao AdamWFp8 (FP8 e4m3 optimizer state with per-block scales)",
                   ("adamw-fp8-torchao", "adamwfp8")),
 }
