@@ -1,4 +1,4 @@
-"""Registry records of the wave-2 second batch: Scion (and Adalayer once it lands).
+"""Registry records of the wave-2 second batch: Scion and Adalayer.
 
 :data:`SPECS` lists one :class:`OptimizerSpec` per registry name; the algorithm modules know nothing of the
 registry. Each record's ``defaults`` are its class's ``__init__`` defaults (the published settings live in
@@ -7,12 +7,23 @@ the signature, written once). :mod:`lightning_optim.builtins` lists them in the 
 
 from __future__ import annotations
 
-from lightning_optim.optim import scion
+from lightning_optim.optim import adalayer, scion
 from lightning_optim.specs import OptimizerSpec, StateLayout, signature_defaults
 
 __all__ = ["SPECS"]
 
 _MOMENTUM_STATE = StateLayout(1, names=("momentum_buffer",))
+
+
+def _one_block(shape: tuple[int, ...]) -> int:
+    """+ 1 (one second moment per tensor; 3 for a fused q/k/v)"""
+    return 1
+
+
+def _head_blocks(shape: tuple[int, ...]) -> int:
+    """+ one per row for embeddings / the head, 1 for vectors"""
+    return int(shape[0]) if len(shape) >= 2 else 1
+
 
 SPECS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
@@ -29,6 +40,24 @@ SPECS: tuple[OptimizerSpec, ...] = (
         "x ← (1-lr)·x + lr·lmo(d)",
         supports_dtensor=False,
         dtensor_note="the spectral LMO (Newton–Schulz) needs whole matrices; use DDP, or an elementwise "
+        "optimizer under FSDP2",
+    ),
+    OptimizerSpec(
+        name="adalayer", factory=adalayer.Adalayer, defaults=signature_defaults(adalayer.Adalayer)[0],
+        family="block-wise",
+        # hybrid: the default grouping's matrix flag tells the output head (one block per row) from the rest
+        hybrid=True,
+        state=StateLayout(1, extra=_one_block, names=("exp_avg",)),
+        other_state=StateLayout(1, extra=_head_blocks, names=("exp_avg",)),
+        routing="one second moment per tensor (hidden matrices, LayerNorm gains, biases; a fused q/k/v: one "
+        "each for q, k, v); embeddings and the output head (>= 2 dims, not matrices under the default "
+        "grouping): one per row",
+        paper="Zhao et al. 2024, Deconstructing What Makes a Good Optimizer for Language Models "
+        "(arXiv 2407.07972), Adalayer",
+        reference="https://github.com/rosieyzh/optimizers-llm (olmo/optim.py AdalayerW, configs/sweeps/lr.yaml)",
+        description="Adam with one second moment per layer (per token row for the last layer)",
+        supports_dtensor=False,
+        dtensor_note="a layer's second moment is a mean over the whole tensor; use DDP, or an elementwise "
         "optimizer under FSDP2",
     ),
 )
