@@ -254,7 +254,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         supports_dtensor=False,
         dtensor_note=(
             "bitsandbytes' 8-bit kernels have no DTensor sharding strategy; use DDP, or torchao's 8-bit AdamW "
-            "'adamw8bit-torchao' (FSDP2-ready; pip install 'lightning-optim[torchao]')"
+            "'adamw8bit-torchao' (DTensor-aware state; pip install 'lightning-optim[torchao]')"
         ),
     ),
     # matrix -----------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     # torchao's low-bit AdamW (optional extra 'torchao'): adamw8bit-torchao, adamw4bit, adamw-fp8
     *torchao_lowbit.SPECS,
     *wave2_specs.SPECS,  # issue 17 first batch: lamb, stable-adamw, adam-mini, galore, apollo, apollo-mini
-    *wave2b_specs.SPECS,  # issue 17 second batch: scion
+    *wave2b_specs.SPECS,  # issue 17 second batch: scion, adalayer
 )
 
 
