@@ -244,6 +244,8 @@ def test_scion_unconstrained_accepts_a_large_lr_and_a_bad_group_norm_names_the_g
     Scion([nn.Parameter(torch.zeros(2, 2))], lr=2.0, unconstrained=True)
     with pytest.raises(ValueError, match=r"param group 'emb'.*norm must be one of"):
         Scion([{"params": [nn.Parameter(torch.zeros(2, 2))], "name": "emb", "norm": "l2"}])
+    with pytest.raises(ValueError, match=r"norm 'spectral' but parameter 'norm.weight' has 1 dimension"):
+        Scion([{"params": [nn.Parameter(torch.ones(4))], "param_names": ["norm.weight"], "norm": "spectral"}])
     with pytest.raises(ValueError, match=r"param group 'g'.*lr must be <= 1"):
         Scion([{"params": [nn.Parameter(torch.zeros(2, 2))], "name": "g", "lr": 3.0}])
 

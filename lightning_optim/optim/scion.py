@@ -127,8 +127,11 @@ class Scion(torch.optim.Optimizer):
         names = param_group.get("param_names") or [None] * len(ps)
         for i, p in enumerate(ps):
             p = p[1] if isinstance(p, tuple) else p
+            label = repr(names[i]) if i < len(names) and names[i] else f"{where} item {i} shape {tuple(p.shape)}"
+            if param_group.get("norm") == "spectral" and p.ndim < 2:
+                raise ValueError(f"scion: {where} sets norm 'spectral' but parameter {label} has {p.ndim} "
+                                 "dimension(s); the spectral LMO needs a matrix (use 'bias_rms' or 'sign')")
             if is_dtensor(p):
-                label = repr(names[i]) if i < len(names) and names[i] else f"{where} item {i} shape {tuple(p.shape)}"
                 raise ValueError(f"scion: parameter {label} is a DTensor (FSDP2 shard); the spectral LMO needs "
                                  "whole matrices: use DDP, or an elementwise optimizer under FSDP2")
         param_group = {**param_group, "params": ps}
