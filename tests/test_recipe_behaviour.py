@@ -4,6 +4,8 @@ in optimizer steps, no logger, more devices than cores, schedule-free with a dec
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import yaml
@@ -25,6 +27,42 @@ def cache(tmp_path_factory):
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def caplog():
+    """The recipe's rank-zero messages, collected on Lightning's own logger (pytest's caplog relies on propagation
+    to the root logger, which other tests' Lightning runs may have turned off)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler, level, disabled = _Collect(), logger.level, logger.disabled
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.disabled = False
+
+    class _Log:
+        records = handler.records
+
+        @staticmethod
+        def at_level(_level):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    try:
+        yield _Log
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.disabled = disabled
 
 
 def test_short_run_needs_no_warmup_flag_on_a_benchmark_recipe(cache, in_tmp, caplog):

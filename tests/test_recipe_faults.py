@@ -76,7 +76,7 @@ def test_a_stuck_or_dead_rank_fails_the_run_within_the_timeout(sig, tmp_path, tm
     assert proc.returncode != 0, text[-3000:]
     assert elapsed < TIMEOUT_S + 90, elapsed
     if sig == signal.SIGSTOP:  # the survivor waited out the timeout, and says where
-        assert elapsed >= TIMEOUT_S - 1
+        assert elapsed >= TIMEOUT_S - 4  # the survivor may already have been waiting for a step when it stopped
         assert f"rank 0 of 2 gave up after {TIMEOUT_S:g} s waiting in" in text, text[-3000:]
 
 
