@@ -82,7 +82,7 @@ def run_part(title: str, fn: Callable[[Section, dict], None], ctx: dict) -> Sect
 
 
 def environment(sec: Section, ctx: dict) -> None:
-    from lightning_optim.optim._foreach_utils import compile_available
+    from lightning_optim.optim._elementwise import compile_available
 
     dev = ctx["device"]
     ok, why = compile_available(torch.device(dev).type)
@@ -218,7 +218,7 @@ def training(sec: Section, ctx: dict) -> None:
 
 def _kernel_case(name: str, dev: str, state_dtype: str | None) -> tuple[float, str]:
     import lightning_optim as lo
-    from lightning_optim.optim._foreach_utils import COMPILED_MIN_NUMEL
+    from lightning_optim.optim._elementwise import COMPILED_MIN_NUMEL
 
     dtype = torch.float64 if state_dtype is None else torch.float32
     shapes = [(256, COMPILED_MIN_NUMEL // 256 + 3), (48,)]
@@ -260,7 +260,7 @@ def _kernel_case(name: str, dev: str, state_dtype: str | None) -> tuple[float, s
 
 def kernels(sec: Section, ctx: dict) -> None:
     import lightning_optim as lo
-    from lightning_optim.optim._foreach_utils import compile_available
+    from lightning_optim.optim._elementwise import compile_available
 
     dev = ctx["device"]
     ok, why = compile_available(torch.device(dev).type)

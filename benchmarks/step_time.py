@@ -158,7 +158,7 @@ def write(rows: list[dict], out: Path, meta: str) -> None:
 
 def _default_path(device: str = "cpu") -> str:
     """What ``compiled="auto"`` resolves to here (the elementwise methods' default)."""
-    from lightning_optim.optim._foreach_utils import compile_available
+    from lightning_optim.optim._elementwise import compile_available
 
     ok, why = compile_available(torch.device(device).type)
     return "compiled='auto' → compiled kernels (the first warm-up step compiles)" if ok else f"compiled='auto' → eager ({why})"

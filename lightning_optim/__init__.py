@@ -14,7 +14,7 @@ Where an optimizer lives, from definition to step::
     registered  lightning_optim/builtins.py              one record per name: state layout, paper, overrides
     grouped     lightning_optim/param_groups.py          decay / no-decay / matrix groups of a module
     built       lightning_optim/registry.py              create_optimizer: lookup, checks, factory(groups, **hp)
-    stepped     optim/<name>.py step(), on the shared bases in optim/_foreach_utils.py (elementwise) and
+    stepped     optim/<name>.py step(), on the shared bases in optim/_elementwise.py (elementwise) and
                 optim/_hybrid.py (Muon family)
 """
 

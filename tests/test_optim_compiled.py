@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lightning_optim import create_optimizer
-from lightning_optim.optim import _foreach_utils
-from lightning_optim.optim._foreach_utils import COMPILED_MIN_NUMEL
+from lightning_optim.optim import _elementwise
+from lightning_optim.optim._elementwise import COMPILED_MIN_NUMEL
 
 COMPILABLE = {
     "lion": {},
@@ -48,7 +48,7 @@ def test_compiled_equals_eager_over_20_steps(name: str) -> None:
             eager_ps[0].grad = compiled_ps[0].grad = None
         eager.step()
         compiled.step()
-    kernels = [k for k in _foreach_utils._COMPILED if k.__module__ == type(compiled).__module__]
+    kernels = [k for k in _elementwise._COMPILED if k.__module__ == type(compiled).__module__]
     assert kernels, f"{name}: the compiled path was not taken"
     assert not torch.equal(compiled_ps[0], _params()[0]), f"{name}: the compiled tensor did not move"
     for a, b in zip(eager_ps, compiled_ps):
@@ -87,7 +87,7 @@ def test_one_compile_serves_every_shape_and_rank() -> None:
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    _foreach_utils._COMPILED.clear()
+    _elementwise._COMPILED.clear()
     counters.clear()
     g = torch.Generator().manual_seed(0)
     shapes = [(256, 256), (300, 400), (1, 70000), (70000,), (2, 40000)]
@@ -106,10 +106,10 @@ def test_auto_is_the_default_and_honours_the_environment(monkeypatch) -> None:
     for name in sorted(COMPILABLE):
         assert create_optimizer(name, ps, **COMPILABLE[name]).compiled == "auto", name
     opt = create_optimizer("lion", ps)
-    monkeypatch.setenv(_foreach_utils.COMPILE_ENV, "0")
+    monkeypatch.setenv(_elementwise.COMPILE_ENV, "0")
     assert not opt.use_compiled(torch.device("cpu"))
-    monkeypatch.delenv(_foreach_utils.COMPILE_ENV)
-    assert opt.use_compiled(torch.device("cpu")) == _foreach_utils.compile_available("cpu")[0]
+    monkeypatch.delenv(_elementwise.COMPILE_ENV)
+    assert opt.use_compiled(torch.device("cpu")) == _elementwise.compile_available("cpu")[0]
     assert not create_optimizer("lion", ps, compiled=False).use_compiled(torch.device("cpu"))
 
 
@@ -117,9 +117,9 @@ def test_auto_without_a_compiler_warns_once_and_runs_eager(monkeypatch) -> None:
     """No C++ compiler: one warning for the process, then the eager path (same numbers as compiled=False)."""
     import warnings
 
-    monkeypatch.delenv(_foreach_utils.COMPILE_ENV, raising=False)
-    monkeypatch.setattr(_foreach_utils, "_COMPILE_OK", {})
-    monkeypatch.setattr(_foreach_utils.shutil, "which", lambda name: None)
+    monkeypatch.delenv(_elementwise.COMPILE_ENV, raising=False)
+    monkeypatch.setattr(_elementwise, "_COMPILE_OK", {})
+    monkeypatch.setattr(_elementwise.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     auto_ps, eager_ps = _params(), _params()
     auto = create_optimizer("adopt", auto_ps)
@@ -147,9 +147,9 @@ def test_auto_falls_back_when_the_compile_fails(monkeypatch) -> None:
             raise RuntimeError("C++ compile error: cannot find -lgomp")
         return run
 
-    monkeypatch.delenv(_foreach_utils.COMPILE_ENV, raising=False)
-    monkeypatch.setattr(_foreach_utils, "_COMPILE_OK", {"cpu": (True, "")})
-    monkeypatch.setattr(_foreach_utils, "compiled_kernel", broken)
+    monkeypatch.delenv(_elementwise.COMPILE_ENV, raising=False)
+    monkeypatch.setattr(_elementwise, "_COMPILE_OK", {"cpu": (True, "")})
+    monkeypatch.setattr(_elementwise, "compiled_kernel", broken)
     auto_ps, eager_ps = _params(), _params()
     auto = create_optimizer("lion", auto_ps)
     eager = create_optimizer("lion", eager_ps, compiled=False)

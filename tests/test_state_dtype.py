@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import lightning_optim as lo
-from lightning_optim.optim import _foreach_utils
-from lightning_optim.optim._foreach_utils import COMPILE_ENV, COMPILED_MIN_NUMEL
+from lightning_optim.optim import _elementwise
+from lightning_optim.optim._elementwise import COMPILE_ENV, COMPILED_MIN_NUMEL
 from lightning_optim.optim._low_precision import check_state_dtype, sr_bf16, sr_copy_
 
 LOWP = ["lion", "signum", "adopt", "ademamix", "mars", "prodigy", "sf-adamw", "muon", "d-muon", "normuon"]
@@ -146,7 +146,7 @@ def test_compiled_bf16_state_matches_eager_bf16_state(monkeypatch) -> None:
     """The compiled kernel stores bf16 state with stochastic rounding too: both paths stay close to the
     float32-state trajectory and keep the state in bf16 (a compile of lion's bf16-state kernel, ~10 s)."""
     monkeypatch.delenv(COMPILE_ENV, raising=False)
-    if not _foreach_utils.compile_available("cpu")[0]:
+    if not _elementwise.compile_available("cpu")[0]:
         pytest.skip("no usable compiler")
     shape = (256, COMPILED_MIN_NUMEL // 256 + 1)
 
@@ -160,9 +160,9 @@ def test_compiled_bf16_state_matches_eager_bf16_state(monkeypatch) -> None:
 
     ref, _ = run(False, None)
     eager, opt_e = run(False, "bfloat16")
-    _foreach_utils._CALLED.clear()
+    _elementwise._CALLED.clear()
     comp, opt = run(True, "bfloat16")
-    assert _foreach_utils._CALLED, "the compiled kernel was not used"
+    assert _elementwise._CALLED, "the compiled kernel was not used"
     m_c = opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]
     m_e = opt_e.state[opt_e.param_groups[0]["params"][0]]["exp_avg"]
     assert m_c.dtype == m_e.dtype == torch.bfloat16

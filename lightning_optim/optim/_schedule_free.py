@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from lightning_optim.optim._foreach_utils import local
+from lightning_optim.optim._elementwise import local
 
 __all__ = ["CLOCK_KEYS", "clock_defaults", "check_schedule_free", "tick", "apply_direction", "sf_adamw_update",
            "ScheduleFreeModes"]

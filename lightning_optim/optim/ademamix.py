@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
+from lightning_optim.optim._elementwise import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
 from lightning_optim.optim._low_precision import store, up
 
 __all__ = ["AdEMAMix", "alpha_schedule", "beta3_schedule"]

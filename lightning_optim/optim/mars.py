@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from lightning_optim._dtensor import is_sharded
-from lightning_optim.optim._foreach_utils import (
+from lightning_optim.optim._elementwise import (
     Bucket,
     ElementwiseOptimizer,
     check_betas,

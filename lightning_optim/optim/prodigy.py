@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from lightning_optim._dtensor import is_sharded
-from lightning_optim.optim._foreach_utils import ElementwiseOptimizer, check_betas, check_nonneg, local
+from lightning_optim.optim._elementwise import ElementwiseOptimizer, check_betas, check_nonneg, local
 from lightning_optim.optim._low_precision import store, up
 
 __all__ = ["Prodigy"]

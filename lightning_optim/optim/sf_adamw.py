@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from lightning_optim.optim._foreach_utils import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
+from lightning_optim.optim._elementwise import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
 from lightning_optim.optim._low_precision import store, up
 from lightning_optim.optim._schedule_free import (ScheduleFreeModes, check_schedule_free, clock_defaults,
                                                   sf_adamw_update, tick)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_optim as lo
-from lightning_optim.optim import _foreach_utils
-from lightning_optim.optim._foreach_utils import COMPILE_ENV, COMPILED_MIN_NUMEL
+from lightning_optim.optim import _elementwise
+from lightning_optim.optim._elementwise import COMPILE_ENV, COMPILED_MIN_NUMEL
 
 from ._helpers import build, diff_states, make_model, params_of, train_steps
 
@@ -116,8 +116,8 @@ def test_default_path_compiles_and_resumes_exactly(optim_name, tmp_path, monkeyp
     if _spec_default(optim_name, "compiled") != "auto":
         pytest.skip(f"{optim_name}: no compiled path by default")
     monkeypatch.delenv(COMPILE_ENV, raising=False)
-    if not _foreach_utils.compile_available("cpu")[0]:
-        pytest.skip(f"no usable compiler here: {_foreach_utils.compile_available('cpu')[1]}")
+    if not _elementwise.compile_available("cpu")[0]:
+        pytest.skip(f"no usable compiler here: {_elementwise.compile_available('cpu')[1]}")
     assert Wide().fc.weight.numel() >= COMPILED_MIN_NUMEL
 
     def setup(seed: int = 0):
@@ -127,9 +127,9 @@ def test_default_path_compiles_and_resumes_exactly(optim_name, tmp_path, monkeyp
 
     m1, o1 = setup()
     assert o1.compiled == "auto" and o1.use_compiled(torch.device("cpu"))
-    _foreach_utils._CALLED.clear()
+    _elementwise._CALLED.clear()
     _wide_steps(m1, o1, 0, 2 * K)
-    assert {k.__module__ for k in _foreach_utils._CALLED} == {type(o1).__module__}, \
+    assert {k.__module__ for k in _elementwise._CALLED} == {type(o1).__module__}, \
         f"{optim_name}: the default path did not run its compiled kernel"
 
     m2, o2 = setup()
