@@ -96,11 +96,16 @@ class Prodigy(ElementwiseOptimizer):
             d_coef=d_coef, growth_rate=growth_rate, decouple=bool(decouple), k=0,
         ), compiled, state_dtype)
         for group in self.param_groups:
-            dev = next((local(p).device for p in group["params"]), torch.device("cpu"))
-            dtype = torch.float32 if dev.type == "mps" else torch.float64
-            group["d"] = torch.tensor(float(group["d0"]), device=dev, dtype=dtype)
-            group["d_max"] = torch.tensor(float(group["d0"]), device=dev, dtype=dtype)
-            group["d_numerator"] = torch.tensor(0.0, device=dev, dtype=dtype)
+            self._init_d(group)
+
+    @staticmethod
+    def _init_d(group: dict[str, Any]) -> None:
+        """The d estimate's scalars, on the device of the group's first parameter (float64; float32 on MPS)."""
+        dev = next((local(p).device for p in group["params"]), torch.device("cpu"))
+        dtype = torch.float32 if dev.type == "mps" else torch.float64
+        group["d"] = torch.tensor(float(group["d0"]), device=dev, dtype=dtype)
+        group["d_max"] = torch.tensor(float(group["d0"]), device=dev, dtype=dtype)
+        group["d_numerator"] = torch.tensor(0.0, device=dev, dtype=dtype)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         st = super()._init_state(p, group)
@@ -115,6 +120,9 @@ class Prodigy(ElementwiseOptimizer):
                 loss = closure()
         if all(p.grad is None for group in self.param_groups for p in group["params"]):
             return loss  # no parameter takes a step: no step count, no decay of the d estimate's sums
+        for group in self.param_groups:  # built over meta parameters, then materialised in place (FSDP2 to_empty)
+            if group["d"].is_meta:
+                self._init_d(group)
         g0 = self.param_groups[0]
         beta1, beta2 = g0["betas"]
         beta3 = g0["beta3"] if g0["beta3"] is not None else math.sqrt(beta2)

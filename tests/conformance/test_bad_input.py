@@ -291,10 +291,7 @@ def test_meta_parameters_refused_at_step_naming_them(optim_name):
 
 
 # Known defects, each to be removed with its fix (strict: a fixed optimizer fails here until it is removed).
-_MATERIALISE_IN_PLACE_DEFECTS = {
-    "prodigy": "its d / d_max / d_numerator scalars are allocated at construction on the first parameter's "
-               "device, so over meta parameters they stay on meta after to_empty",
-}
+_MATERIALISE_IN_PLACE_DEFECTS: dict[str, str] = {}  # optimizer name -> why it cannot (strict xfail)
 
 
 def test_built_over_meta_then_materialised_in_place_trains(optim_name, monkeypatch, request):
