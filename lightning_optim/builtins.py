@@ -15,8 +15,8 @@ from optional packages (bitsandbytes) list their defaults in full, because their
 to read a signature when the extra is not installed. Two families are generated from a small table of their
 own and spliced in at the end of :data:`OPTIMIZERS`: torchao's low-bit AdamW
 (:data:`lightning_optim.optim.torchao_lowbit.SPECS`) and the wave-2 optimizers
-(:data:`lightning_optim.optim.wave2_specs.SPECS`); both build records from :mod:`lightning_optim.specs` and
-never import the registry.
+(:data:`lightning_optim.optim.wave2_specs.SPECS` and :data:`lightning_optim.optim.wave2b_specs.SPECS`); all build
+records from :mod:`lightning_optim.specs` and never import the registry.
 
 **The class is the factory** unless construction needs more than ``cls(params, **hp)``: torch's Adam(W)
 choose the fused kernel, SGD checks Nesterov's preconditions, optional packages are imported lazily.
