@@ -62,6 +62,19 @@ __all__ = ["RecipeCLI", "main", "RECIPES", "ConfigError"]
 # The benchmark's AdamW (Semenov, Pagliardini & Jaggi 2025, best 124M run). These values apply to AdamW only.
 _BENCH_ADAMW = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1}
 
+
+def _benchmark(preset: str, micro_batch: int, val_every: int, max_grad_norm: float, max_steps: int) -> dict[str, Any]:
+    """A benchmark-size preset: batch 256 x 512 tokens, the benchmark's AdamW, cosine with warmup 2000."""
+    return {
+        "model": {"preset": preset},
+        "data": {"seq_len": 512, "global_batch_size": 256, "micro_batch_size": micro_batch,
+                 "val_every_n_steps": val_every},
+        "optimizer": "adamw", "optimizer_settings": _BENCH_ADAMW,
+        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": max_grad_norm, "norms_every_n_steps": 500,
+        "trainer": {"max_steps": max_steps},
+    }
+
+
 # Per preset: model, data, the optimizer the recipe was tuned with and its settings (for that optimizer only),
 # the schedule, clipping and trainer defaults. The benchmark sizes use its batch (256 x 512 tokens), warmup 2000,
 # clipping 0.5 (0.1 from 583M), cosine to 0.01 x peak; max_steps ~ 20 tokens/parameter.
@@ -73,34 +86,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "scheduler": "cosine", "warmup_steps": 20, "max_grad_norm": 1.0, "norms_every_n_steps": 50,
         "trainer": {"max_steps": 250, "log_every_n_steps": 5},
     },
-    "124m": {
-        "model": {"preset": "124m"},
-        "data": {"seq_len": 512, "global_batch_size": 256, "micro_batch_size": 32, "val_every_n_steps": 500},
-        "optimizer": "adamw", "optimizer_settings": _BENCH_ADAMW,
-        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.5, "norms_every_n_steps": 500,
-        "trainer": {"max_steps": 19000},
-    },
-    "210m": {
-        "model": {"preset": "210m"},
-        "data": {"seq_len": 512, "global_batch_size": 256, "micro_batch_size": 32, "val_every_n_steps": 500},
-        "optimizer": "adamw", "optimizer_settings": _BENCH_ADAMW,
-        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.5, "norms_every_n_steps": 500,
-        "trainer": {"max_steps": 32000},
-    },
-    "583m": {
-        "model": {"preset": "583m"},
-        "data": {"seq_len": 512, "global_batch_size": 256, "micro_batch_size": 16, "val_every_n_steps": 1000},
-        "optimizer": "adamw", "optimizer_settings": _BENCH_ADAMW,
-        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.1, "norms_every_n_steps": 500,
-        "trainer": {"max_steps": 89000},
-    },
-    "720m": {
-        "model": {"preset": "720m"},
-        "data": {"seq_len": 512, "global_batch_size": 256, "micro_batch_size": 16, "val_every_n_steps": 1000},
-        "optimizer": "adamw", "optimizer_settings": _BENCH_ADAMW,
-        "scheduler": "cosine", "warmup_steps": 2000, "max_grad_norm": 0.1, "norms_every_n_steps": 500,
-        "trainer": {"max_steps": 110000},
-    },
+    "124m": _benchmark("124m", micro_batch=32, val_every=500, max_grad_norm=0.5, max_steps=19000),
+    "210m": _benchmark("210m", micro_batch=32, val_every=500, max_grad_norm=0.5, max_steps=32000),
+    "583m": _benchmark("583m", micro_batch=16, val_every=1000, max_grad_norm=0.1, max_steps=89000),
+    "720m": _benchmark("720m", micro_batch=16, val_every=1000, max_grad_norm=0.1, max_steps=110000),
 }
 
 # The stability callbacks every recipe turns on (each: --<group>.enabled false, or retune by flag / YAML).

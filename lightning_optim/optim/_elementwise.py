@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim._dtensor import is_dtensor, local
 from lightning_optim.optim._low_precision import (SR_SLOT_STRIDE, check_state_dtype, mix_seed, seed_tensor, sr_copy_,
                                                   state_torch_dtype)
@@ -401,10 +402,7 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             buckets = self._buckets(group)
             for bucket in buckets:

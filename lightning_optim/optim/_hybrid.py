@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as _adamw_functional
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._low_precision import check_state_dtype, mix_seed, sr_copy_, state_torch_dtype, up
 from lightning_optim.optim._matrix_dist import DTensor, MatrixMeta, local, matrix_meta, orthogonalize
 from lightning_optim.optim.newton_schulz import newton_schulz, resolve_coefficients
@@ -154,10 +155,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._check_mode()
         matrix_groups = [g for g in self.param_groups if g["matrix"]]
         if matrix_groups:

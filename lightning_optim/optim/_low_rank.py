@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._per_tensor import (check_betas, check_count, check_nonneg, check_positive,
                                                is_dtensor, is_matrix_param, next_step, up, write_back)
 
@@ -144,10 +145,7 @@ class LowRankAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         position = -1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._per_tensor import (check_betas, check_nonneg, check_positive, is_dtensor,
                                                is_matrix_param, local, next_step, up, write_back)
 from lightning_optim.optim.adam_mini import QKV_NAMES
@@ -137,10 +138,7 @@ class Adalayer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]

@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._per_tensor import (DTensor, check_betas, check_count, check_nonneg, check_positive,
                                                is_dtensor, local, next_step, up, write_back)
 
@@ -136,10 +137,7 @@ class AdamMini(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]

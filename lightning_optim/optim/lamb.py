@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._per_tensor import (check_betas, check_nonneg, check_positive, local, next_step,
                                                shard_sum, up, write_back)
 
@@ -50,10 +51,7 @@ class LAMB(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

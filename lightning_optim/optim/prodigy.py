@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim._dtensor import is_sharded
 from lightning_optim.optim._elementwise import ElementwiseOptimizer, check_betas, check_nonneg, local
 from lightning_optim.optim._low_precision import store, up
@@ -114,10 +115,7 @@ class Prodigy(ElementwiseOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         if all(p.grad is None for group in self.param_groups for p in group["params"]):
             return loss  # no parameter takes a step: no step count, no decay of the d estimate's sums
         for group in self.param_groups:  # built over meta parameters, then materialised in place (FSDP2 to_empty)

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._per_tensor import (check_finite_number, check_nonneg, check_positive, is_dtensor,
                                                is_matrix_param, local, up, write_back)
 from lightning_optim.optim.newton_schulz import newton_schulz, resolve_coefficients
@@ -153,10 +154,7 @@ class Scion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             mu, lr = group["momentum"], group["lr"]
             for p in group["params"]:

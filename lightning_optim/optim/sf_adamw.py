@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._elementwise import Bucket, ElementwiseOptimizer, check_betas, check_nonneg
 from lightning_optim.optim._low_precision import store, up
 from lightning_optim.optim._schedule_free import (ScheduleFreeModes, check_schedule_free, clock_defaults,
@@ -92,10 +93,7 @@ class AdamWScheduleFree(ScheduleFreeModes, ElementwiseOptimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         self._require_train_mode()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         if all(p.grad is None for group in self.param_groups for p in group["params"]):
             return loss  # no parameter takes a step: k, lr_max and weight_sum stay (a guard dropped the step)
         for group in self.param_groups:

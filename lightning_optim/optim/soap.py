@@ -72,6 +72,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim._dtensor import is_dtensor as _is_dtensor
 
 
@@ -323,10 +324,7 @@ class SOAP(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         if not hasattr(self, "_low_q"):  # unpickled (Optimizer.__getstate__ keeps only defaults/state/groups)
             self._low_q = {}
         self._low_q_next = {}

@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
+from lightning_optim.optim._closure import evaluate_closure
 
 __all__ = ["SophiaG"]
 
@@ -140,10 +141,7 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             params, grads, ms, hs = [], [], [], []
             for p in group["params"]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._per_tensor import (check_betas, check_nonneg, check_positive, local, next_step,
                                                shard_sum, up, write_back)
 
@@ -51,10 +52,7 @@ class StableAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             eps, lr, wd = group["eps"], group["lr"], group["weight_decay"]
