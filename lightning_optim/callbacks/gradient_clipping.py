@@ -53,9 +53,18 @@ from torch import Tensor
 from lightning_optim.callbacks._norms import LayerIndex, local
 from lightning_optim.callbacks._step_norms import StepGradNorms
 
-__all__ = ["GradientClipping", "zclip_threshold"]
+__all__ = ["GradientClipping", "clip_coefficient", "zclip_threshold"]
 
 MODES = ("global", "per_layer", "adaptive")
+
+
+def clip_coefficient(norm: Tensor, threshold: Tensor | float) -> Tensor:
+    """The global-norm clip factor ``min(1, threshold / (‖g‖ + 1e-6))`` where ``‖g‖ > threshold``, else 1 (also 1
+    when ``‖g‖`` is not finite: such gradients are left as they are). A device tensor; no host read."""
+    finite = torch.isfinite(norm)
+    threshold = torch.as_tensor(threshold, dtype=norm.dtype, device=norm.device)
+    coef = torch.where(finite & (norm > threshold), threshold / (norm + 1e-6), torch.ones_like(norm))
+    return coef.clamp(max=1.0)
 
 
 def zclip_threshold(norm: Tensor, mean: Tensor, var: Tensor, z_thresh: float, eps: float, clip_option: str,
@@ -168,9 +177,7 @@ class GradientClipping(Callback):
         if self.mode == "per_layer":
             after = self._clip_per_layer(pl_module, params, grads, sq, finite)
         else:
-            threshold = self._threshold(norm, finite)
-            coef = torch.where(finite & (norm > threshold), threshold / (norm + 1e-6), torch.ones_like(norm))
-            coef = coef.clamp(max=1.0)
+            coef = clip_coefficient(norm, self._threshold(norm, finite))
             torch._foreach_mul_([local(g) for g in grads], coef.to(local(grads[0]).device))
             after = sq * coef * coef
         norms.rescaled(grads, after)

@@ -62,7 +62,7 @@ from lightning_optim.callbacks._decisions import Snapshot, StepGate, TrainingUns
 from lightning_optim.callbacks._loss_watch import LossWatch, Terms, Verdict
 from lightning_optim.callbacks._step_norms import StepGradNorms
 
-__all__ = ["LossSpikeDetector"]
+__all__ = ["LossSpikeDetector", "spike_test", "window_stats"]
 
 ACTIONS = ("log", "skip", "rollback")
 
@@ -79,6 +79,17 @@ def one_sided_z(value: float, history: "deque[float]") -> float:
     """``(value - mean)/std`` of ``history`` (see :func:`window_stats`)."""
     mean, std = window_stats(history)
     return (value - mean) / std
+
+
+def spike_test(value: torch.Tensor, history: "deque[float]", threshold: float,
+               min_history: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(isfinite(value) & value > mean + threshold·std, z)`` on device, ``mean``/``std`` of ``history``
+    (:func:`window_stats`); no decision (a false flag, ``z=None``) before ``history`` holds ``min_history`` values."""
+    if len(history) < min_history:
+        return torch.zeros((), dtype=torch.bool, device=value.device), None
+    mean, std = window_stats(history)
+    wide = value.double() if value.device.type != "mps" else value  # compare in float64 where supported
+    return torch.isfinite(value) & (wide > mean + threshold * std), (value - mean) / std
 
 
 class LossSpikeDetector(LossWatch):
@@ -209,12 +220,7 @@ class LossSpikeDetector(LossWatch):
         return Terms(flags=[nonfinite, spike], values=values, extra=extra)
 
     def _device_test(self, value: torch.Tensor, history: "deque[float]") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(isfinite(value) & value > mean + threshold·std, z)`` on device; no decision before ``min_history``."""
-        if len(history) < self.min_history:
-            return torch.zeros((), dtype=torch.bool, device=value.device), None
-        mean, std = window_stats(history)
-        wide = value.double() if value.device.type != "mps" else value  # compare in float64 where supported
-        return torch.isfinite(value) & (wide > mean + self.threshold * std), (value - mean) / std
+        return spike_test(value, history, self.threshold, self.min_history)
 
     def claims(self, verdict: Verdict) -> bool:
         return verdict.claimed_by is None and self.action != "log" and (verdict.flags[0] > 0 or verdict.flags[1] > 0)
