@@ -233,3 +233,93 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path):
             # ≤ 3.3e-3 after 12 steps at lr 1e-2, so the bound is half a step (lr/2), far below a real bug's size.
             atol = 5e-3 if name == "soap" else 1e-5
             torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=atol, msg=f"{name} {k}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a missing Hessian pass is an error: in a Trainer without SophiaHessian, and in a loop that never updates h
+
+
+class _PlainSophiaModule:
+    """A LightningModule without the mixin whose configure_optimizers returns SophiaG (LightningCLI's way)."""
+
+    @staticmethod
+    def make(**sophia_kw):
+        import lightning as L
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.embed = torch.nn.Embedding(11, 6)
+                self.head = torch.nn.Linear(6, 11)
+
+            def logits_for_batch(self, batch):
+                return self.head(self.embed(batch[0][:, :-1]))
+
+            def training_step(self, batch, i):
+                logits = self.logits_for_batch(batch)
+                return torch.nn.functional.cross_entropy(logits.reshape(-1, 11), batch[0][:, 1:].reshape(-1))
+
+            def configure_optimizers(self):
+                return SophiaG(self.parameters(), lr=1e-2, **sophia_kw)
+
+            def train_dataloader(self):
+                g = torch.Generator().manual_seed(0)
+                data = torch.utils.data.TensorDataset(torch.randint(0, 11, (16, 5), generator=g))
+                return torch.utils.data.DataLoader(data, batch_size=4)
+
+        return Module()
+
+
+def _trainer(**kw):
+    import lightning as L
+
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+def test_trainer_without_the_callback_raises_at_the_first_step_naming_it():
+    model = _PlainSophiaModule.make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _trainer()
+    with pytest.raises(RuntimeError, match=r"SophiaG .*without the SophiaHessian callback.*"
+                                           r"lightning_optim\.callbacks\.SophiaHessian"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+    for k, v in model.state_dict().items():  # the refused step changed nothing
+        assert torch.equal(v, before[k]), k
+
+
+def test_trainer_with_the_callback_trains_and_updates_the_hessian():
+    from lightning_optim.callbacks.sophia_hessian import SophiaHessian
+
+    model = _PlainSophiaModule.make(hessian_interval=2)
+    hess = SophiaHessian()
+    trainer = _trainer(callbacks=[hess])
+    trainer.fit(model)
+    assert trainer.global_step == 4 and hess.passes == [2, 4]
+    opt = trainer.optimizers[0]
+    assert all(bool(opt.state[p]["hessian"].abs().sum() > 0) for p in model.parameters())
+
+
+def test_plain_loop_that_updates_the_hessian_runs_and_one_that_never_does_raises():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    good = SophiaG([w], lr=1e-2, bs=8, hessian_interval=3)
+    for t in range(1, 10):  # 9 steps, the Hessian updated after steps 3, 6, 9: never refused
+        w.grad = torch.randn(4, 3)
+        good.step()
+        if t % 3 == 0:
+            w.grad = torch.randn(4, 3)
+            good.update_hessian()
+    assert bool(good.state[w]["hessian"].abs().sum() > 0)
+
+    bad = SophiaG([w], lr=1e-2, bs=8, hessian_interval=3)
+    for _ in range(3):  # hessian_interval steps without an update are allowed ...
+        w.grad = torch.randn(4, 3)
+        bad.step()
+    w.grad = torch.randn(4, 3)
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match=r"taken 3 steps \(hessian_interval=3\) and update_hessian\(\) was never"):
+        bad.step()  # ... the next one is refused before it changes anything
+    assert torch.equal(w.detach(), before)

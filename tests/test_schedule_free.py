@@ -234,3 +234,84 @@ def test_save_inside_a_training_batch_returns_to_train_mode(tmp_path):
     for k, v in inside["state_dict"].items():
         torch.testing.assert_close(v, xs[1][k.removeprefix("net.")], rtol=1e-9, atol=1e-12)
     assert inside["optimizer_states"][0]["param_groups"][0]["train_mode"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# built without the mixin (LightningCLI's --optimizer): the switch callback is required, plain loops are not checked
+
+
+class PlainRegr(pl.LightningModule):
+    """configure_optimizers returns the optimizer class's instance directly, as LightningCLI's does."""
+
+    def __init__(self, cls_name: str):
+        super().__init__()
+        self.cls_name = cls_name
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(5, 3).double()
+
+    def training_step(self, batch, i):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y.expand(-1, 3))
+
+    def configure_optimizers(self):
+        from lightning_optim.optim.sf_adamw import AdamWScheduleFree
+        from lightning_optim.optim.sf_normuon import SFNorMuon
+
+        cls = {"sf-adamw": AdamWScheduleFree, "sf-normuon": SFNorMuon}[self.cls_name]
+        return cls(self.parameters(), lr=0.01, warmup_steps=1)
+
+    def train_dataloader(self):
+        return DataLoader(_data(), batch_size=BATCH, shuffle=False)
+
+
+def _bare_trainer(**kw):
+    return pl.Trainer(max_steps=N_BATCHES, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, **kw)
+
+
+@pytest.mark.parametrize("name,cls", [("sf-adamw", "AdamWScheduleFree"), ("sf-normuon", "SFNorMuon")])
+def test_trainer_without_the_switch_raises_at_the_first_step_naming_it(name, cls):
+    model = PlainRegr(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _bare_trainer()
+    with pytest.raises(RuntimeError, match=rf"{cls} .*without the ScheduleFreeSwitch callback"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_trainer_with_the_switch_trains_and_ends_in_eval_mode():
+    model = PlainRegr("sf-adamw")
+    before = model.net.weight.detach().clone()
+    trainer = _bare_trainer(callbacks=[ScheduleFreeSwitch()])
+    trainer.fit(model)
+    opt = trainer.optimizers[0]
+    assert trainer.global_step == N_BATCHES and not opt.train_mode  # on_train_end left x in the parameters
+    assert not torch.equal(model.net.weight.detach(), before)
+
+
+def test_plain_loop_and_fabric_are_not_checked_eval_mode_still_refuses():
+    from lightning.fabric import Fabric
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 1).double()
+    opt = create_optimizer("sf-adamw", net.parameters(), **HP)
+    x, y = next(iter(DataLoader(_data(), batch_size=BATCH)))
+    for _ in range(2):  # a plain loop: no callback, no error
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    assert opt.param_groups[0]["k"] == 2
+    opt.eval()
+    with pytest.raises(RuntimeError, match=r"step\(\) called in eval mode: call optimizer\.train\(\)"):
+        opt.step()
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    net2 = torch.nn.Linear(5, 1).double()
+    model, fopt = fabric.setup(net2, create_optimizer("sf-adamw", net2.parameters(), **HP))
+    for _ in range(2):
+        fopt.zero_grad()
+        fabric.backward(torch.nn.functional.mse_loss(model(x), y))
+        fopt.step()
+    assert fopt.optimizer.param_groups[0]["k"] == 2

@@ -34,6 +34,9 @@ trip more than the resumed run makes, and the runs would part in the last bits (
 checkpoints both every 500 steps, the recipes' default). The optimizer state (``z``, moments, the clock and
 ``train_mode``) is saved with the checkpoint, so a resumed run continues bit for bit.
 
+In ``on_fit_start`` the callback marks every optimizer it switches; a schedule-free optimizer stepped in a
+Trainer without that mark raises at its first step (:mod:`lightning_optim.optim._needs_callback`).
+
 Usage (the :class:`~lightning_optim.OptimizerMixin` adds it by itself for schedule-free optimizers)::
 
     trainer = L.Trainer(callbacks=[ScheduleFreeSwitch()])
@@ -44,6 +47,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+
+from lightning_optim.optim._needs_callback import mark_driven
 
 __all__ = ["ScheduleFreeSwitch"]
 
@@ -100,6 +105,10 @@ class ScheduleFreeSwitch(pl.Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._in_batch = False  # not left over from a run that raised inside a batch
         self._wrap_dump(trainer)
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        for opt in _switchable(trainer):
+            mark_driven(opt, type(self).__name__)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:

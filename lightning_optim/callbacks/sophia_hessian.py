@@ -21,6 +21,9 @@ The :class:`~lightning_optim.OptimizerMixin` adds this callback automatically fo
 
     trainer = L.Trainer(callbacks=[SophiaHessian()])   # interval read from the optimizer (default 10)
 
+The callback marks every Sophia optimizer it drives in ``on_fit_start``; a Sophia optimizer stepped in a
+Trainer without that mark raises at its first step (:mod:`lightning_optim.optim._needs_callback`).
+
 Cost: one extra forward and backward every ``hessian_interval`` steps (``benchmarks/sophia_cost.py``).
 """
 
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from lightning_optim._dtensor import is_dtensor
+from lightning_optim.optim._needs_callback import mark_driven
 
 __all__ = ["SophiaHessian"]
 
@@ -70,11 +74,14 @@ class SophiaHessian(Callback):
         self._last_step = int(state_dict.get("last_step", -1))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if _sophia_optimizers(trainer) and not callable(getattr(pl_module, "logits_for_batch", None)):
+        optimizers = _sophia_optimizers(trainer)
+        if optimizers and not callable(getattr(pl_module, "logits_for_batch", None)):
             raise TypeError(
                 f"{type(pl_module).__name__} must implement logits_for_batch(batch) -> logits (batch, ..., vocab) "
                 "for Sophia-G's Hessian pass (see lightning_optim.protocols.LogitsModel)"
             )
+        for opt in optimizers:
+            mark_driven(opt, type(self).__name__)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

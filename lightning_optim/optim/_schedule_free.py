@@ -31,6 +31,11 @@ eval mode. The two maps are inverse in exact arithmetic only: in floating point 
 from ``y`` in the last bit, so code that needs a resumed run to match a straight one must make both see the
 same switches (:class:`~lightning_optim.callbacks.schedule_free.ScheduleFreeSwitch` does).
 
+**Without the switch in Lightning** the run would validate and checkpoint ``y`` in silence: the first
+``step()`` inside a Lightning Trainer raises ``RuntimeError`` unless a ``ScheduleFreeSwitch`` marked the
+optimizer (:mod:`lightning_optim.optim._needs_callback`). A plain loop or Fabric is not checked: it calls
+``train()`` / ``eval()`` itself, and ``step()`` in eval mode raises there too.
+
 **SF-AdamW** (:func:`sf_adamw_update`): ``v = β2·v + (1-β2)·g²``, ``u = g/(sqrt(v/bc2) + eps) + wd·d`` with
 ``bc2 = 1 - β2^t`` and the decay taken at ``d = y`` (the reference's ``sf-adamw``) or at ``d = z``
 (sf-normuon's non-matrix parameters).
@@ -45,6 +50,7 @@ from typing import Any
 import torch
 
 from lightning_optim.optim._elementwise import local
+from lightning_optim.optim._needs_callback import require_callback
 
 __all__ = ["CLOCK_KEYS", "clock_defaults", "check_schedule_free", "tick", "apply_direction", "sf_adamw_update",
            "ScheduleFreeModes"]
@@ -155,6 +161,9 @@ class ScheduleFreeModes:
         return all(g["train_mode"] for g in self.param_groups)
 
     def _require_train_mode(self) -> None:
+        """Called at the start of ``step()``: the switch callback is there (in a Trainer), train mode."""
+        require_callback(self, "lightning_optim.callbacks.ScheduleFreeSwitch",
+                         "validation and checkpoints would see the gradient point y instead of the average x")
         if not self.train_mode:
             raise RuntimeError(
                 f"{type(self).__name__}.step() called in eval mode: call optimizer.train() before training steps "

@@ -20,6 +20,14 @@ tokens, gradient averaged over data-parallel ranks)::
 :class:`~lightning_optim.OptimizerMixin`) drives the extra pass through the module's
 ``logits_for_batch(batch)`` (:mod:`lightning_optim.protocols`).
 
+**A missing Hessian pass is an error, not a silent sign-SGD run.** Inside a Lightning Trainer the first
+``step()`` raises ``RuntimeError`` when no :class:`~lightning_optim.callbacks.SophiaHessian` callback marked
+the optimizer (:mod:`lightning_optim.optim._needs_callback`: LightningCLI's ``--optimizer`` and a hand-written
+``configure_optimizers`` add none). In any loop, ``step()`` raises when this optimizer object has taken
+``hessian_interval`` steps and :meth:`SophiaG.update_hessian` was never called on it (a plain loop must call it
+every ``hessian_interval`` steps; a resumed object gets ``hessian_interval`` steps again). A run driven by the
+callback skips that count: the callback keeps its own cadence.
+
 ``bs`` is the number of tokens per optimizer step (the reference passes ``total_bs · block_size`` to
 ``step``). ``bs=None`` (default) lets the callback fill it in at the first Hessian pass (tokens of the batch
 × data-parallel ranks × gradient-accumulation steps); it only matters once ``h`` is non-zero, and before the
@@ -36,6 +44,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from lightning_optim.optim._closure import evaluate_closure
+from lightning_optim.optim._needs_callback import is_driven, require_callback
 
 __all__ = ["SophiaG"]
 
@@ -89,6 +98,7 @@ class SophiaG(torch.optim.Optimizer):
             hessian_interval=int(hessian_interval), maximize=maximize, foreach=foreach,
         )
         super().__init__(params, defaults)
+        self._steps_without_hessian = 0  # steps this object took before its first update_hessian (then None)
 
     # -- state ---------------------------------------------------------------------------------------------
 
@@ -111,6 +121,7 @@ class SophiaG(torch.optim.Optimizer):
 
         ``bs`` (tokens per optimizer step) is stored in every group whose ``bs`` is still ``None``.
         """
+        self._steps_without_hessian = None
         for group in self.param_groups:
             if bs is not None and group["bs"] is None:
                 group["bs"] = bs
@@ -141,6 +152,7 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self._check_hessian_driven()
         loss = evaluate_closure(closure)
         for group in self.param_groups:
             params, grads, ms, hs = [], [], [], []
@@ -161,6 +173,23 @@ class SophiaG(torch.optim.Optimizer):
             if params:
                 _sophia_update(params, grads, ms, hs, group, _use_foreach(group, params))
         return loss
+
+
+    def _check_hessian_driven(self) -> None:
+        """Refuse a run whose Hessian estimate is never updated (module docstring)."""
+        require_callback(self, "lightning_optim.callbacks.SophiaHessian",
+                         "its Hessian estimate would stay 0 and every step would be a plain sign step")
+        count = getattr(self, "_steps_without_hessian", None)  # absent on an object unpickled from before
+        if count is None or is_driven(self):
+            return
+        if count >= self.hessian_interval:
+            raise RuntimeError(
+                f"SophiaG has taken {count} steps (hessian_interval={self.hessian_interval}) and update_hessian() "
+                "was never called: its Hessian estimate is still 0. In a plain loop, after every "
+                "hessian_interval-th step, backpropagate the loss on labels sampled from the model "
+                "(CE(logits, multinomial(softmax(logits)))) and call optimizer.update_hessian(bs=tokens per "
+                "step); in Lightning add lightning_optim.callbacks.SophiaHessian")
+        self._steps_without_hessian = count + 1
 
 
 def _use_foreach(group: dict[str, Any], tensors: list[torch.Tensor]) -> bool:
