@@ -212,3 +212,64 @@ class _nullcontext:
 def _warned(guard: StabilityGuard, loss: torch.Tensor, match: str) -> dict:
     with pytest.warns(RuntimeWarning, match=match):
         return guard.step(loss)
+
+
+# ---------------------------------------------------------------- language models, and two ranks
+def _lm_loop(model: nn.Module, vocab: int, name: str, nan_step: int, steps: int = 10) -> tuple[float, float]:
+    """A Fabric loop over one fixed batch (the loss must fall) with a NaN loss at ``nan_step``: (first, last) loss."""
+    fabric = Fabric(accelerator="cpu", devices=1)
+    opt = create_optimizer(name, model, **OPTIMIZERS[name])
+    sched = create_scheduler("cosine", opt, total_steps=steps, warmup_steps=1)
+    fmodel, fopt = fabric.setup(model, opt)
+    guard = StabilityGuard(fopt, sched, fabric=fabric, max_norm=1.0, window=6, min_history=3)
+    data = torch.randint(0, vocab, (4, 17), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for step in range(steps):
+        logits = fmodel(data[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
+        if step == nan_step:
+            loss = loss * float("nan")
+            before = state_copy(opt, model)
+        fabric.backward(loss)
+        with pytest.warns(RuntimeWarning) if step == nan_step else _nullcontext():
+            metrics = guard.step(loss)
+        if step == nan_step:
+            assert_same(before, state_copy(opt, model))
+        else:
+            losses.append(metrics["train/loss"])
+    assert guard.nonfinite_steps == 1
+    return losses[0], losses[-1]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_package_transformer_trains_in_a_fabric_loop(name: str) -> None:
+    from lightning_optim.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", n_layer=2, n_embd=32, n_head=2, vocab_size=64, block_size=16)
+    first, last = _lm_loop(model, 64, name, nan_step=4)
+    assert last < first
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_litgpt_gpt_trains_in_a_fabric_loop(name: str) -> None:
+    litgpt = pytest.importorskip("litgpt", reason="litgpt is not installed (it is not a dependency)")
+    torch.manual_seed(0)
+    cfg = litgpt.Config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, padded_vocab_size=64)
+    first, last = _lm_loop(litgpt.GPT(cfg), 64, name, nan_step=4)
+    assert last < first
+
+
+def test_two_rank_fabric_ddp_drops_the_same_steps_on_every_rank(tmp_path) -> None:
+    from pathlib import Path
+
+    from tests.dist_utils import run_distributed
+
+    run_distributed(Path(__file__).parent / "dist_scripts" / "fabric_ddp.py", str(tmp_path), out_dir=tmp_path)
+    import json
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:  # a NaN on rank 1 and a spike on rank 0: both dropped on both ranks, bit-exactly
+        assert r["skipped"] == [3, 7] and all(r["unchanged"]) and r["nonfinite"] == 1 and r["spikes"] == 1
+    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
