@@ -22,6 +22,8 @@ from lightning_optim.optim.apollo import APOLLO, projection_seed
 from lightning_optim.optim.galore import GaLore
 from lightning_optim.optim.lamb import LAMB
 from lightning_optim.optim.stable_adamw import StableAdamW
+from tests import _trajectory as trajectory
+from tests._trajectory import gradient, max_diff
 
 STEPS = 30
 SHAPES = [(6, 4), (4, 7), (5,), (3,)]  # tall and wide matrices, a vector, a zero vector (bias)
@@ -34,33 +36,13 @@ def start_weights(shapes=SHAPES, seed: int = 0) -> list[torch.Tensor]:
     return ws
 
 
-def gradient(x: torch.Tensor, step: int, index: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(10_000 * step + index)
-    target = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).reshape(x.shape)
-    return 0.5 * (x.double() - target) + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)
-
-
 def run_optimizer(make, shapes=SHAPES, steps: int = STEPS, dtype=torch.float32, groups=None) -> list[torch.Tensor]:
-    params = [torch.nn.Parameter(w.to(dtype)) for w in start_weights(shapes)]
-    opt = make(params if groups is None else groups(params))
-    for t in range(1, steps + 1):
-        for i, p in enumerate(params):
-            p.grad = gradient(p.detach(), t, i).to(dtype)
-        opt.step()
-    return [p.detach().double() for p in params]
+    return trajectory.run_optimizer(make, start_weights(shapes), steps, dtype, groups)
 
 
 def run_reference(update, shapes=SHAPES, steps: int = STEPS) -> list[torch.Tensor]:
     """``update(i, x, g, state, t)`` returns the new ``x`` (float64); ``state`` is a dict per tensor."""
-    xs = start_weights(shapes)
-    states = [{} for _ in xs]
-    for t in range(1, steps + 1):
-        xs = [update(i, x, gradient(x, t, i), states[i], t) for i, x in enumerate(xs)]
-    return xs
-
-
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return trajectory.run_reference(update, start_weights(shapes), steps)
 
 
 def adam_moments(s: dict, g: torch.Tensor, b1: float, b2: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,8 @@ import lightning_optim as lo
 from lightning_optim.optim.adalayer import Adalayer, block_rows
 from lightning_optim.optim.newton_schulz import newton_schulz
 from lightning_optim.optim.scion import Scion
+from tests import _trajectory as trajectory
+from tests._trajectory import gradient, max_diff
 
 STEPS = 25
 SHAPES = [(6, 4), (4, 7), (5,), (3, 2, 2)]  # tall and wide matrices, a vector, a 3-D tensor (rows × 4)
@@ -32,33 +34,13 @@ def start_weights(shapes=SHAPES, seed: int = 0) -> list[torch.Tensor]:
     return [0.3 * torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
 
-def gradient(x: torch.Tensor, step: int, index: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(10_000 * step + index)
-    target = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).reshape(x.shape)
-    return 0.5 * (x.double() - target) + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)
-
-
 def run_optimizer(make, shapes=SHAPES, steps: int = STEPS, dtype=torch.float32) -> list[torch.Tensor]:
-    params = [nn.Parameter(w.to(dtype)) for w in start_weights(shapes)]
-    opt = make(params)
-    for t in range(1, steps + 1):
-        for i, p in enumerate(params):
-            p.grad = gradient(p.detach(), t, i).to(dtype)
-        opt.step()
-    return [p.detach().double() for p in params]
+    return trajectory.run_optimizer(make, start_weights(shapes), steps, dtype)
 
 
 def run_reference(update, shapes=SHAPES, steps: int = STEPS) -> list[torch.Tensor]:
     """``update(i, x, g, state)`` returns the new ``x`` (float64); ``state`` is a dict per tensor."""
-    xs = start_weights(shapes)
-    states = [{} for _ in xs]
-    for t in range(1, steps + 1):
-        xs = [update(i, x, gradient(x, t, i), states[i]) for i, x in enumerate(xs)]
-    return xs
-
-
-def max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return trajectory.run_reference(lambda i, x, g, s, t: update(i, x, g, s), start_weights(shapes), steps)
 
 
 # ----------------------------------------------------------------------------------------------------------
