@@ -151,3 +151,62 @@ def test_schedule_defaults_are_the_dataclass_fields():
     assert lo.scheduler_info("wsd").defaults == {"decay_fraction": 0.2, "final_fraction": 0.0,
                                                   "cooldown_shape": "sqrt", "cooldown_start": None}
     assert lo.scheduler_info("cosine").defaults == {"final_fraction": 0.01}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PerStepLR: LightningCLI's --lr_scheduler (plain arguments, steps itself after every optimizer step)
+
+
+def _sgd(lr=0.1):
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    return torch.optim.SGD([p], lr=lr)
+
+
+def test_per_step_lr_follows_optimizer_steps_and_ignores_its_own_step():
+    from lightning_optim.schedules import PerStepLR
+
+    opt = _sgd()
+    sched = PerStepLR(opt, schedule="wsd", total_steps=6, warmup_steps=1, decay_fraction=0.5,
+                      cooldown_shape="linear")
+    ref = WSDSchedule(total_steps=6, warmup_steps=1, decay_fraction=0.5, cooldown_shape="linear")
+    assert opt.param_groups[0]["lr"] == 0.0  # f(0) with warmup
+    for t in range(1, 7):
+        opt.step()
+        sched.step()  # Lightning's epoch-end call: ignored
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * ref(t)), t
+    assert sched.last_epoch == 6 and opt.param_groups[0]["lr"] == pytest.approx(0.0)
+    assert ref(4) == pytest.approx(2 / 3)  # the values are not all 1 or 0: the test can see a wrong count
+
+
+def test_per_step_lr_refuses_a_missing_horizon_and_a_setting_the_schedule_does_not_take():
+    from lightning_optim.schedules import PerStepLR
+
+    with pytest.raises(ValueError, match=r"schedule 'wsd' needs total_steps .*--lr_scheduler\.total_steps"):
+        PerStepLR(_sgd(), schedule="wsd")
+    with pytest.raises(ValueError, match=r"schedule 'cosine' does not take decay_fraction"):
+        PerStepLR(_sgd(), schedule="cosine", total_steps=10, decay_fraction=0.5)
+    with pytest.raises(ValueError, match="cosin"):
+        PerStepLR(_sgd(), schedule="cosin", total_steps=10)
+    opt = _sgd()
+    PerStepLR(opt, schedule="inverse-sqrt", warmup_steps=2)  # no horizon needed
+    opt.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_per_step_lr_resumes_at_the_saved_step():
+    from lightning_optim.schedules import PerStepLR
+
+    opt = _sgd()
+    sched = PerStepLR(opt, schedule="cosine", total_steps=10, warmup_steps=2)
+    for _ in range(3):
+        opt.step()
+    saved_opt, saved = opt.state_dict(), sched.state_dict()
+    opt2 = _sgd()
+    sched2 = PerStepLR(opt2, schedule="cosine", total_steps=10, warmup_steps=2)
+    opt2.load_state_dict(saved_opt)
+    sched2.load_state_dict(saved)
+    opt2.step()
+    ref = CosineSchedule(total_steps=10, warmup_steps=2)
+    assert sched2.last_epoch == 4 and opt2.param_groups[0]["lr"] == pytest.approx(0.1 * ref(4))
