@@ -16,6 +16,19 @@ routing of Moonlight and of Semenov et al. 2025:
   ``lm_head``/``output``/``head``, or — for bare parameters — the benchmark's fallback "at least 10000 rows").
   Matrices get ``"matrix": True`` in their group; everything else ``"matrix": False``.
 
+Hugging Face ``Conv1D`` (``transformers.pytorch_utils.Conv1D``, GPT-2's ``c_attn``/``c_proj``/``c_fc``) stores its
+weight as ``(in, out)``, the transpose of ``nn.Linear``'s ``(out, in)``. It is detected by module type (class
+``Conv1D`` from a ``transformers`` module; transformers is never imported here) and its weight gets
+``transposed=True``: matrix groups then carry a ``transposed`` list aligned with ``param_names`` (plain bools,
+so it survives ``state_dict``), and the Muon family computes its shape-dependent lr factor on the ``(out, in)``
+view. HF embeddings (``wte``, ``wpe``, ``embed_tokens``: ``nn.Embedding``) and the head (``lm_head``: tied to
+``wte`` in GPT-2, named ``lm_head`` in Llama/Mistral) are routed to AdamW by the rules above.
+
+A plain parameter list (no module, no names) can only be routed by shape: :func:`split_by_shape` sends a tensor
+to the matrix rule iff it has >= 2 dimensions and fewer than 10000 rows (an embedding/head-sized matrix goes to
+AdamW), and warns once per call naming the shapes sent each way. Named parameters (``(name, tensor)`` pairs)
+also go to AdamW when the name is an embedding's or a head's.
+
 Groups carry a ``name`` ("decay", "no_decay", "matrix"; LearningRateMonitor shows them) and optionally an
 ``lr_scale``. Names are read through ``torch.compile`` wrappers (``_orig_mod.``) and FSDP2's ``fully_shard``
 (DTensor parameters keep their global shape, so the rules see the real dimensions).
@@ -25,17 +38,25 @@ Override :meth:`OptimizerMixin.optimizer_param_groups` or pass ``rules`` to chan
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-__all__ = ["GroupingRules", "ParamRole", "classify_parameters", "param_groups", "routing_table"]
+__all__ = ["GroupingRules", "ParamRole", "classify_parameters", "param_groups", "routing_table", "split_by_shape",
+           "is_hf_conv1d", "PLAIN_LIST_WARNING"]
 
 HEAD_NAME = re.compile(r"(^|\.)(lm_head|output|head|classifier|out_proj_vocab|unembed(ding)?)$")
 LARGE_ROWS = 10_000  # Semenov et al.: 2-D parameters with this many rows are treated as embeddings/heads
 _COMPILE_PREFIX = "_orig_mod."
+EMBEDDING_NAME = re.compile(r"(^|\.)(wte|wpe|embed_tokens|embed_positions|tok_embeddings|word_embeddings|"
+                            r"position_embeddings|token_embedding|embedding|embeddings|embed)(\.|$)")
+PLAIN_LIST_WARNING = "no names: routing by shape; pass named parameters or a module for the full rule"
 
 
 @dataclass
@@ -64,6 +85,7 @@ class ParamRole:
     decay: bool
     matrix: bool
     reason: str
+    transposed: bool = False  # stored (in, out), as Hugging Face Conv1D; the matrix rule uses the (out, in) view
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -72,6 +94,12 @@ def _is_norm(module: nn.Module) -> bool:
     if rms is not None:
         norm_types = norm_types + (rms,)
     return isinstance(module, norm_types) or type(module).__name__.lower().endswith("norm")
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's ``Conv1D`` (weight ``(in, out)``), detected without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
 def _clean(name: str) -> str:
@@ -85,8 +113,11 @@ def classify_parameters(module: nn.Module, rules: GroupingRules | None = None) -
     norm_ids: set[int] = set()
     head_ids: set[int] = set()
     embedding_rows: set[int] = set()
+    transposed_ids: set[int] = set()
     for mod_name, mod in module.named_modules(remove_duplicate=False):
         own = list(mod.named_parameters(recurse=False, remove_duplicate=False))
+        if is_hf_conv1d(mod):
+            transposed_ids.update(id(p) for n, p in own if n == "weight" and p.ndim == 2)
         if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
             embedding_ids.update(id(p) for _, p in own)
             embedding_rows.add(mod.num_embeddings)
@@ -130,14 +161,16 @@ def classify_parameters(module: nn.Module, rules: GroupingRules | None = None) -
             and not (shape[0] >= LARGE_ROWS and _bare(module, p))
             and not any(re.search(pat, name) for pat in rules.other_patterns)
         )
-        out.append((p, ParamRole(name=name, shape=shape, decay=decay, matrix=matrix, reason=reason)))
+        out.append((p, ParamRole(name=name, shape=shape, decay=decay, matrix=matrix, reason=reason,
+                                 transposed=id(p) in transposed_ids)))
     return out
 
 
 def _bare(module: nn.Module, p: Any) -> bool:
-    """True when ``p`` is not owned by a Linear/Conv module (a bare ``nn.Parameter``): the rows fallback applies."""
+    """True when ``p`` is not owned by a Linear/Conv/HF Conv1D module (a bare ``nn.Parameter``): the rows fallback
+    applies."""
     for mod in module.modules():
-        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or is_hf_conv1d(mod):
             if any(q is p for q in mod.parameters(recurse=False)):
                 return False
     return True
@@ -153,7 +186,8 @@ def param_groups(
     """Named parameter groups for ``module`` under the default rules (see the module docstring).
 
     Decay groups leave ``weight_decay`` to the optimizer's value unless ``weight_decay`` is given; no-decay
-    groups get ``weight_decay=0``. Empty groups are dropped.
+    groups get ``weight_decay=0``. Empty groups are dropped. With ``split_matrices=True`` a matrix group that
+    holds a transposed (HF ``Conv1D``) weight also carries ``transposed``: one bool per parameter.
     """
     rules = rules or GroupingRules()
     buckets: dict[str, dict[str, Any]] = {}
@@ -176,9 +210,14 @@ def param_groups(
             buckets[gname] = group
         group["params"].append(p)
         group["param_names"].append(role.name)
+        group.setdefault("_transposed", []).append(role.transposed)
     unknown = set(rules.lr_scales) - set(buckets)
     if unknown:
         raise ValueError(f"lr_scales names unknown group(s) {sorted(unknown)}; groups are {sorted(buckets)}")
+    for group in buckets.values():
+        flags = group.pop("_transposed")
+        if split_matrices and group.get("matrix") and any(flags):
+            group["transposed"] = flags
     order = ["matrix", "matrix_no_decay", "decay", "no_decay"]
     return [buckets[k] for k in order if k in buckets]
 
@@ -186,5 +225,51 @@ def param_groups(
 def routing_table(module: nn.Module, split_matrices: bool = True, rules: GroupingRules | None = None) -> list[ParamRole]:
     """One :class:`ParamRole` per trainable parameter: where the default rules send it."""
     return [role for _, role in classify_parameters(module, rules)] if split_matrices else [
-        ParamRole(r.name, r.shape, r.decay, False, r.reason) for _, r in classify_parameters(module, rules)
+        ParamRole(r.name, r.shape, r.decay, False, r.reason, r.transposed) for _, r in classify_parameters(module, rules)
     ]
+
+
+def _shape_summary(shapes: list[tuple[int, ...]]) -> str:
+    counts = Counter(shapes)
+    return ", ".join(f"{n}x {s}" for s, n in counts.items()) or "none"
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package and ``torch.optim``."""
+    import torch.optim
+
+    skip = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.optim.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def split_by_shape(params: list[Any], names: list[str] | None = None,
+                   owner: str = "optimizer") -> tuple[list[int], list[int]]:
+    """Route tensors that came without a module: indices ``(matrix, other)`` into ``params``.
+
+    Rule: a tensor follows the matrix rule iff it has >= 2 dimensions and fewer than ``LARGE_ROWS`` (10000)
+    rows — an embedding- or head-sized matrix (GPT-2's 50304 × 768) goes to AdamW, as Semenov et al. 2025's
+    benchmark does for bare parameters. With ``names`` a tensor whose name is an embedding's or a head's
+    (``wte``, ``embed_tokens``, ``lm_head``, ...) also goes to AdamW. Without names a ``UserWarning``
+    (:data:`PLAIN_LIST_WARNING`) names the shapes sent each way, since a small embedding or head cannot be
+    told from a hidden matrix by shape alone.
+    """
+    mat, oth = [], []
+    for i, p in enumerate(params):
+        name = names[i] if names is not None else None
+        by_name = name is not None and (EMBEDDING_NAME.search(_clean(name)) is not None
+                                        or HEAD_NAME.search(_clean(name).rpartition(".")[0] or name) is not None)
+        is_matrix = p.ndim >= 2 and int(p.shape[0]) < LARGE_ROWS and not by_name
+        (mat if is_matrix else oth).append(i)
+    if names is None and params:
+        warnings.warn(
+            f"{owner}: {PLAIN_LIST_WARNING}. Matrix rule: {_shape_summary([tuple(params[i].shape) for i in mat])}; "
+            f"AdamW (fewer than 2 dims, or >= {LARGE_ROWS} rows): "
+            f"{_shape_summary([tuple(params[i].shape) for i in oth])}",
+            UserWarning, stacklevel=_user_stacklevel())
+    return mat, oth

@@ -110,3 +110,49 @@ def test_fsdp2_dtensor_parameters_are_grouped_like_plain_ones(tmp_path):
     lines = sorted((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
     expected = by_name(param_groups(TinyLM(tied=False), split_matrices=True))
     assert lines[0] == lines[1] == repr(sorted(expected.items())) + "\n"
+
+
+def _plain_routing(opt):
+    return {g["name"]: [tuple(p.shape) for p in g["params"]] for g in opt.param_groups}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_plain_parameter_list_sends_embedding_sized_matrices_to_adamw_and_warns(tied):
+    """LightningCLI's ``--optimizer`` passes ``model.parameters()``: no names, so routing is by shape."""
+    from lightning_optim.models.gpt import build_model
+    from lightning_optim.optim.mars import MARS
+    from lightning_optim.optim.muon import Muon
+    from lightning_optim.param_groups import PLAIN_LIST_WARNING
+
+    model = build_model("tiny", vocab_size=50304, n_layer=1, tie_embeddings=tied)
+    params = list(model.parameters())
+    with pytest.warns(UserWarning, match=PLAIN_LIST_WARNING) as record:
+        opt = Muon(params)
+    msg = str(record[0].message)
+    assert "(50304, 192)" in msg.split("AdamW")[1] and "(192, 192)" in msg.split("AdamW")[0]
+    routing = _plain_routing(opt)
+    big = [p for p in params if p.shape[0] == 50304]
+    assert len(big) == (1 if tied else 2)
+    assert routing["adamw"].count((50304, 192)) == len(big)
+    assert routing["matrix"] and all(len(s) == 2 and s[0] < 10_000 for s in routing["matrix"])
+    assert sum(map(len, routing.values())) == len(params)
+    with pytest.warns(UserWarning, match=PLAIN_LIST_WARNING):
+        mars = MARS(params)
+    assert {g["matrix"]: [tuple(p.shape) for p in g["params"]] for g in mars.param_groups} == {
+        True: routing["matrix"], False: routing["adamw"]}
+
+
+def test_named_parameter_list_routes_by_name_without_warning():
+    import warnings
+
+    from lightning_optim.optim.muon import Muon
+
+    model = TinyLM(vocab=1200, tied=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = Muon(list(model.named_parameters()))
+    rows = {r["name"]: r["rule"] for r in opt.routing_table()}
+    assert rows["wte.weight"] == rows["lm_head.weight"] == rows["norm.weight"] == "adamw"  # by name, 1200 rows
+    assert rows["attn.weight"] == rows["mlp.weight"] == "matrix"
+    groups = {g["name"]: g["param_names"] for g in opt.param_groups}
+    assert groups["matrix"] == ["attn.weight", "mlp.weight"]

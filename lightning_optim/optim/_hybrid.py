@@ -6,8 +6,17 @@ accumulation, the LR scheduler and checkpoints working, so the hybrid lives in a
 
 * groups from :func:`lightning_optim.param_groups` with ``split_matrices=True`` already carry the flag
   (names ``matrix``/``matrix_no_decay``/``decay``/``no_decay``; ``create_optimizer(name, module)`` does this);
-* a group without the flag (plain ``model.parameters()``) is split by ``ndim >= 2`` into ``<name>_matrix`` and
-  ``<name>_adamw`` (``matrix``/``adamw`` when unnamed), keeping ``param_names`` aligned.
+* a group without the flag (plain ``model.parameters()``, e.g. LightningCLI's ``--optimizer``) is split by
+  :func:`lightning_optim.param_groups.split_by_shape` into ``<name>_matrix`` and ``<name>_adamw``
+  (``matrix``/``adamw`` when unnamed), keeping ``param_names`` aligned: >= 2 dimensions and fewer than 10000
+  rows follow the matrix rule, so a GPT's 50304-row embedding/head goes to AdamW; without names this warns
+  once, naming the shapes sent each way.
+
+A matrix group may carry ``transposed``: one bool per parameter, aligned with ``params`` (the default grouping
+sets it for Hugging Face ``Conv1D`` weights, stored ``(in, out)``). The shape-dependent parts of the matrix
+rule (Muon's ``adjust_lr`` factor ``sqrt(max(1, rows/cols))``, NorMuon's per-neuron rows) then use the
+``(out, in)`` view. Newton–Schulz needs nothing: ``NS(Xᵀ) = NS(X)ᵀ``, and the kernel already works on the wide
+orientation of either. The flag is plain data in the group, so ``state_dict``/``load_state_dict`` keep it.
 
 AdamW groups take their own ``lr``/``betas``/``eps``/``weight_decay`` from ``adamw_lr``, ``adamw_betas``,
 ``adamw_eps``, ``adamw_weight_decay`` unless the group sets them (``None`` means "the matrix value"). Every
@@ -42,15 +51,17 @@ from lightning_optim.optim._low_precision import check_state_dtype, mix_seed, sr
 from lightning_optim.optim._matrix_dist import DTensor, MatrixMeta, local, matrix_meta, orthogonalize
 from lightning_optim.optim.newton_schulz import newton_schulz, resolve_coefficients
 from lightning_optim.optim.torch_builtin import fused_supported
+from lightning_optim.param_groups import split_by_shape
 
 __all__ = ["HybridMatrixOptimizer", "ADAMW_ROUTING", "state_like_rows"]
 
 ADAMW_ROUTING = (
     "parameters with >= 2 dimensions that are not embeddings or the output head (module type, tie to an "
     "embedding, head name, or >= 10000 rows for bare parameters) follow the matrix rule, viewed as "
-    "shape[0] x prod(shape[1:]); embeddings, the head and 1-D parameters follow the internal AdamW "
+    "shape[0] x prod(shape[1:]) (Hugging Face Conv1D weights, flagged 'transposed', as (out, in)); "
+    "embeddings, the head and 1-D parameters follow the internal AdamW "
     "(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay). Groups carry 'matrix': True/False; plain "
-    "parameter lists are split by ndim >= 2."
+    "parameter lists are split by shape: ndim >= 2 and fewer than 10000 rows follow the matrix rule."
 )
 
 _ADAMW_KEYS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
@@ -100,10 +111,10 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
             group["param_names"] = [n for n, _ in ps]
             ps = [p for _, p in ps]
         group["params"] = ps
+        flags = self._check_transposed(group)
         if "matrix" not in group:
             names = group.get("param_names")
-            mat = [i for i, p in enumerate(ps) if p.ndim >= 2]
-            oth = [i for i, p in enumerate(ps) if p.ndim < 2]
+            mat, oth = split_by_shape(ps, names, owner=type(self).__name__)
             base = group.get("name")
             parts = []
             for idx, flag, suffix in ((mat, True, "matrix"), (oth, False, "adamw")):
@@ -113,6 +124,8 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
                 g["params"] = [ps[i] for i in idx]
                 if names is not None:
                     g["param_names"] = [names[i] for i in idx]
+                if flags is not None:
+                    g["transposed"] = [flags[i] for i in idx]
                 g["name"] = f"{base}_{suffix}" if base else suffix
                 g["matrix"] = flag
                 parts.append(g)
@@ -135,14 +148,51 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
                                  group.get("ns_steps", self.defaults.get("ns_steps", 5)))
         super().add_param_group(group)
 
+    @staticmethod
+    def _check_transposed(group: dict[str, Any]) -> list[bool] | None:
+        """Validate a group's ``transposed`` list (one bool per parameter, 2-D parameters only)."""
+        flags = group.get("transposed")
+        if flags is None:
+            return None
+        label = f"param group {group.get('name', '')!r}"
+        if isinstance(flags, (bool, str)) or not hasattr(flags, "__len__") or len(flags) != len(group["params"]):
+            raise ValueError(f"{label}: 'transposed' must be a list of bools, one per parameter "
+                             f"({len(group['params'])}), got {flags!r}")
+        flags = [bool(f) for f in flags]
+        names = group.get("param_names") or [None] * len(flags)
+        for f, p, n in zip(flags, group["params"], names):
+            if f and p.ndim != 2:
+                raise ValueError(f"{label}: parameter {n or tuple(p.shape)!r} is flagged transposed but has "
+                                 f"{p.ndim} dimensions; only 2-D (in, out) weights can be transposed")
+        group["transposed"] = flags
+        return flags
+
+    @staticmethod
+    def transposed_flags(group: dict[str, Any], ps: list[Tensor]) -> list[bool]:
+        """For each of ``ps`` (parameters of ``group``): is it stored ``(in, out)`` (the group's ``transposed``)."""
+        flags = group.get("transposed")
+        if not flags:
+            return [False] * len(ps)
+        by_id = {id(q): bool(f) for q, f in zip(group["params"], flags)}
+        return [by_id.get(id(p), False) for p in ps]
+
+    def lr_dims(self, group: dict[str, Any], ps: list[Tensor], metas: list[MatrixMeta]) -> list[tuple[int, int]]:
+        """``(rows, cols)`` of each matrix in the ``(out, in)`` orientation (swapped for transposed weights):
+        what shape-dependent lr factors must use."""
+        flags = self.transposed_flags(group, ps)
+        return [(m.cols, m.rows) if f else (m.rows, m.cols) for f, m in zip(flags, metas)]
+
     def routing_table(self) -> list[dict[str, Any]]:
-        """One row per parameter: name, shape, rule (``matrix``/``adamw``), group name, lr and weight decay."""
+        """One row per parameter: name, shape, rule (``matrix``/``adamw``), group name, lr, weight decay and
+        whether it is stored transposed (HF ``Conv1D``)."""
         rows = []
         for gi, g in enumerate(self.param_groups):
             names = g.get("param_names") or [f"{g.get('name', gi)}[{i}]" for i in range(len(g["params"]))]
-            for n, p in zip(names, g["params"]):
+            flags = g.get("transposed") or [False] * len(g["params"])
+            for n, p, t in zip(names, g["params"], flags):
                 rows.append({"name": n, "shape": tuple(p.shape), "rule": "matrix" if g["matrix"] else "adamw",
-                             "group": g.get("name", str(gi)), "lr": g["lr"], "weight_decay": g["weight_decay"]})
+                             "group": g.get("name", str(gi)), "lr": g["lr"], "weight_decay": g["weight_decay"],
+                             "transposed": bool(t)})
         return rows
 
     def _meta(self, p: Tensor) -> MatrixMeta:

@@ -11,7 +11,8 @@ Models", arXiv 2411.10438), for matrices; AdamW for everything else::
 
 Routing: a group's ``"matrix"`` flag (``param_groups(module, split_matrices=True)`` sets it; the spec is a
 hybrid, so ``create_optimizer("mars", module)`` splits) decides; a group without the flag is split at
-construction by dimension (>= 2-D → MARS). Non-matrix groups get ``lr = adamw_lr`` and
+construction by shape (``param_groups.split_by_shape``: >= 2-D with fewer than 10000 rows → MARS, so an
+embedding/head-sized matrix gets AdamW; a warning names the shapes when the list has no names). Non-matrix groups get ``lr = adamw_lr`` and
 ``betas = adamw_betas`` unless the group sets its own ``lr`` / ``betas``; ``adamw_lr`` is an absolute lr,
 not a multiple of ``lr`` (schedules then scale both parts alike).
 
@@ -49,6 +50,7 @@ from lightning_optim.optim._elementwise import (
     local,
 )
 from lightning_optim.optim._low_precision import store, up
+from lightning_optim.param_groups import split_by_shape
 
 __all__ = ["MARS"]
 
@@ -108,11 +110,14 @@ class MARS(ElementwiseOptimizer):
             if "matrix" in g:
                 split.append({**g, "params": ps})
                 continue
-            mats, others = [p for p in ps if p.ndim >= 2], [p for p in ps if p.ndim < 2]
-            if mats:
-                split.append({**g, "params": mats, "matrix": True})
-            if others:
-                split.append({**g, "params": others, "matrix": False})
+            names = g.get("param_names")
+            mat_idx, other_idx = split_by_shape(ps, names, owner="MARS")
+            for idx, is_matrix in ((mat_idx, True), (other_idx, False)):
+                if idx:
+                    part = {**g, "params": [ps[i] for i in idx], "matrix": is_matrix}
+                    if names is not None:
+                        part["param_names"] = [names[i] for i in idx]
+                    split.append(part)
         for g in split:
             if not g["matrix"]:
                 g.setdefault("lr", adamw_lr)
