@@ -10,6 +10,9 @@ Muon (Jordan et al. 2024, kellerjordan.github.io/posts/muon; torch.optim.Muon)::
                     s = 0.2·sqrt(max(rows, cols))      adjust_lr="match_rms_adamw" (Moonlight)
                     s = 1                              adjust_lr="none"
 
+rows × cols is the ``(out, in)`` view: a weight stored ``(in, out)`` (Hugging Face ``Conv1D``, flagged
+``transposed`` by the default grouping) gets the factor of the equivalent ``nn.Linear``.
+
 D-Muon (Liu et al. 2025, "Muon is Scalable for LLM Training", arXiv 2502.16982) is Muon with decoupled
 weight decay on the matrices and the ``match_rms_adamw`` scale, so one lr and one weight decay serve both
 the matrices and the AdamW part.
@@ -97,5 +100,6 @@ class Muon(HybridMatrixOptimizer):
         upd = self._to_param(ortho, pl)
         if wd:
             torch._foreach_mul_(pl, 1.0 - lr * wd)
-        torch._foreach_mul_(upd, [-lr * muon_scale(group["adjust_lr"], m.rows, m.cols) for m in metas])
+        dims = self.lr_dims(group, ps, metas)
+        torch._foreach_mul_(upd, [-lr * muon_scale(group["adjust_lr"], r, c) for r, c in dims])
         torch._foreach_add_(pl, upd)

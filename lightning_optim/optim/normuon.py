@@ -11,6 +11,11 @@ github.com/zichongli5/NorMuon)::
     adjust_lr="official": Ô ← Ô · ‖O‖_F / ‖Ô‖_F · sqrt(max(1, rows/cols))        (the official code)
     p  *= 1 - lr·wd;   p -= lr·Ô
 
+Rows are output neurons: a weight stored ``(in, out)`` (Hugging Face ``Conv1D``, flagged ``transposed`` by the
+default grouping) is normalised on its ``(out, in)`` view, its ``v`` is ``out × 1``, and the "official" factor
+uses ``rows/cols`` of that view, so it steps exactly as the equivalent ``nn.Linear``. Transposed weights must be
+plain tensors (not FSDP2 shards: their row shards would split input features, not neurons).
+
 Under FSDP2 the row moment lives with the row shard (a ``rows × 1`` DTensor sharded like the parameter) and the
 two Frobenius norms are completed with one all-reduce per step for all sharded matrices together.
 
@@ -24,6 +29,7 @@ These lr/wd values are our choice, not a published 124M tuning.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -79,17 +85,34 @@ class NorMuon(HybridMatrixOptimizer):
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, distributed=distributed)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for group in self.param_groups[-1:]:
+            for p, t in zip(group["params"], group.get("transposed") or []):
+                if t and group["matrix"] and self._meta(p).kind == "sharded":
+                    raise ValueError(f"NorMuon: a transposed (in, out) weight of shape {tuple(p.shape)} in group "
+                                     f"{group.get('name')!r} is an FSDP2 shard; its per-neuron rows would be split "
+                                     "across ranks. Convert the Conv1D to nn.Linear or route it to AdamW.")
+
     def _init_matrix_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
         super()._init_matrix_state(p, state, group)
-        state["v"] = state_like_rows(p)
+        if self.transposed_flags(group, [p])[0]:  # one moment per output neuron: the columns of an (in, out) weight
+            state["v"] = torch.zeros(p.shape[1], 1, dtype=torch.float32, device=p.device)
+        else:
+            state["v"] = state_like_rows(p)
 
     def _apply_matrix_update(self, group: dict[str, Any], ps: list[Tensor], ortho: list[Tensor],
                              metas: list[MatrixMeta]) -> None:
         lr, wd = group["lr"], group["weight_decay"]
         pl = [local(p) for p in ps]
-        O = [o.float() for o in ortho]
+        flip = self.transposed_flags(group, ps)
+        # work on the (out, in) view: rows are output neurons for nn.Linear and HF Conv1D alike
+        O = [o.float().t() if f else o.float() for o, f in zip(ortho, flip)]
+        metas = [dataclasses.replace(m, rows=m.cols, cols=m.rows) if f else m for m, f in zip(metas, flip)]
         v = [local(self.state[p]["v"]) for p in ps]
         Oh = row_normalize(O, v, group["beta2"], group["eps"])
+        Oh = [o.t() if f else o for o, f in zip(Oh, flip)]
+        O = [o.t() if f else o for o, f in zip(O, flip)]
         scales = normuon_scales(O, Oh, metas, group["adjust_lr"])
         if wd:
             torch._foreach_mul_(pl, 1.0 - lr * wd)
