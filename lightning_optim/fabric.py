@@ -48,7 +48,10 @@ same work in one call after the backward::
 Returned metrics (floats, on steps where ``steps % log_every == 0``; otherwise ``{}``): ``train/loss``,
 ``train/grad_norm`` (before clipping), ``train/grad_norm_clipped``, ``train/lr`` (group 0, after the scheduler
 step), ``stability/skipped`` (1.0 if this step was dropped), ``stability/nonfinite_steps`` and
-``stability/spike_steps`` (totals). :meth:`state_dict` / :meth:`load_state_dict` keep the loss window and the
+``stability/spike_steps`` (totals); with ``layer_norms=model`` also ``norms/grad/<layer>``, the gradient norm of each
+layer before clipping (a layer is a module owning parameters directly, a Linear's weight and bias together, as in
+``LayerNormMonitor``; summed per layer on device with ``index_add_`` from the same squared norms, read in the same
+host read). :meth:`state_dict` / :meth:`load_state_dict` keep the loss window and the
 counters for ``fabric.save`` / ``fabric.load``.
 
 Under fp16 a ``GradScaler`` produces inf gradients on purpose while it searches its scale; those steps count as
@@ -67,7 +70,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_optim.callbacks._decisions import StepGate, TrainingUnstableError
-from lightning_optim.callbacks._norms import local, reduce_squared, squared_norms
+from lightning_optim.callbacks._norms import LayerIndex, local, reduce_squared, squared_norms
 from lightning_optim.callbacks._step_norms import step_grads
 from lightning_optim.callbacks.gradient_clipping import clip_coefficient
 from lightning_optim.callbacks.loss_spike import spike_test
@@ -83,6 +86,15 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     except ImportError:  # pragma: no cover - lightning is a dependency
         return optimizer
     return optimizer.optimizer if isinstance(optimizer, _FabricOptimizer) else optimizer
+
+
+def _unwrap_module(module: Any) -> Any:
+    """The module inside Fabric's ``_FabricModule`` (the object itself when it is not wrapped)."""
+    try:
+        from lightning.fabric.wrappers import _FabricModule
+    except ImportError:  # pragma: no cover
+        return module
+    return module.module if isinstance(module, _FabricModule) else module
 
 
 def _is_flat_sharded(fabric: Any) -> bool:
@@ -112,12 +124,13 @@ class StabilityGuard:
         max_consecutive: raise ``TrainingUnstableError`` after this many dropped steps in a row.
         log_every: return metrics on steps where ``steps % log_every == 0`` (``{}`` otherwise).
         snapshot_device: where the copy taken on a dropped step lives (``"cpu"``; ``None``: beside the tensors).
+        layer_norms: a module (or Fabric's wrapper of it): also return its per-layer gradient norms on metric steps.
     """
 
     def __init__(self, optimizer: Any, scheduler: Any = None, *, fabric: Any = None, max_norm: float | None = 1.0,
                  nonfinite: bool = True, spike: bool = True, window: int = 128, threshold: float = 6.0,
                  min_history: int | None = None, monitor_grad_norm: bool = False, max_consecutive: int = 5,
-                 log_every: int = 1, snapshot_device: str | None = "cpu") -> None:
+                 log_every: int = 1, snapshot_device: str | None = "cpu", layer_norms: Any = None) -> None:
         if not isinstance(_unwrap(optimizer), torch.optim.Optimizer):
             raise TypeError(f"StabilityGuard: optimizer must be a torch.optim.Optimizer (or Fabric's wrapper of "
                             f"one), got {type(optimizer).__name__}")
@@ -137,6 +150,9 @@ class StabilityGuard:
             raise ValueError(f"StabilityGuard: max_consecutive must be >= 1, got {max_consecutive}")
         if log_every < 1:
             raise ValueError(f"StabilityGuard: log_every must be >= 1, got {log_every}")
+        if layer_norms is not None and not isinstance(_unwrap_module(layer_norms), torch.nn.Module):
+            raise TypeError(f"StabilityGuard: layer_norms must be a torch.nn.Module, got {type(layer_norms).__name__}")
+        self._layers = None if layer_norms is None else LayerIndex(_unwrap_module(layer_norms))
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.fabric = fabric
@@ -179,10 +195,9 @@ class StabilityGuard:
         grads = step_grads(opt)
         device = local(grads[0]).device if grads else torch.device("cpu")
         loss_t = torch.as_tensor(loss.detach() if isinstance(loss, Tensor) else loss).float().reshape(()).to(device)
-        if grads:
-            sq = reduce_squared(squared_norms(grads), grads, sharded_plain=_is_flat_sharded(self.fabric)).sum()
-        else:
-            sq = torch.zeros((), device=device)
+        per_grad = (reduce_squared(squared_norms(grads), grads, sharded_plain=_is_flat_sharded(self.fabric))
+                    if grads else torch.zeros(0, device=device))
+        sq = per_grad.sum()
         norm = sq.sqrt()
         coef = clip_coefficient(norm, self.max_norm) if self.max_norm is not None else torch.ones_like(norm)
         bad = ~torch.isfinite(loss_t) | ~torch.isfinite(sq)
@@ -190,10 +205,13 @@ class StabilityGuard:
         if self.monitor_grad_norm:
             spiked = spiked | spike_test(norm, self.grad_norms, self.threshold, self.min_history)[0]
         due = self.steps % self.log_every == 0
+        layer_norm = self._layer_norms(opt, per_grad) if due and self._layers is not None else None
         if self.nonfinite or self.spike or due:  # the one host read of the step
             flags = self._reduce(torch.stack([bad.float(), spiked.float()]))
-            bad_any, spike_any, loss_v, norm_v, after_v = torch.cat(
-                [flags, torch.stack([loss_t, norm, norm * coef])]).tolist()
+            parts = [flags, torch.stack([loss_t, norm, norm * coef])]
+            host = torch.cat(parts + ([layer_norm.to(device)] if layer_norm is not None else [])).tolist()
+            bad_any, spike_any, loss_v, norm_v, after_v = host[:5]
+            layer_v = host[5:]
             is_bad, is_spike = bad_any > 0, spike_any > 0
         else:
             is_bad = is_spike = False
@@ -216,10 +234,26 @@ class StabilityGuard:
         self.steps += 1
         if not due:
             return {}
-        return {"train/loss": loss_v, "train/grad_norm": norm_v,
-                "train/grad_norm_clipped": norm_v if drop else after_v, "train/lr": float(opt.param_groups[0]["lr"]),
-                "stability/skipped": float(drop), "stability/nonfinite_steps": float(self.nonfinite_steps),
-                "stability/spike_steps": float(self.spike_steps)}
+        metrics = {"train/loss": loss_v, "train/grad_norm": norm_v,
+                   "train/grad_norm_clipped": norm_v if drop else after_v, "train/lr": float(opt.param_groups[0]["lr"]),
+                   "stability/skipped": float(drop), "stability/nonfinite_steps": float(self.nonfinite_steps),
+                   "stability/spike_steps": float(self.spike_steps)}
+        if layer_norm is not None:
+            metrics.update({f"norms/grad/{name}": v for name, v in zip(self._layers.layers, layer_v)})
+        return metrics
+
+    def _layer_norms(self, opt: torch.optim.Optimizer, per_grad: Tensor) -> Tensor:
+        """Per-layer ``sqrt(Σ ‖g_i‖²)`` over the layer's parameters, on device (parameters outside the module are
+        not reported; a parameter without a gradient counts 0)."""
+        index = self._layers
+        pos = {id(p): i for i, p in enumerate(index.params)}
+        stepped = [pos.get(id(p)) for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        keep = [j for j, i in enumerate(stepped) if i is not None]
+        vec = torch.zeros(len(index.params), device=per_grad.device)
+        if keep:
+            where = torch.tensor([stepped[j] for j in keep], device=per_grad.device)
+            vec.index_copy_(0, where, per_grad[torch.tensor(keep, device=per_grad.device)])
+        return index.per_layer(vec).sqrt()
 
     def _reduce(self, flags: Tensor) -> Tensor:
         """Sum the per-rank flags over the ranks: a condition on any rank holds on all."""

@@ -185,6 +185,31 @@ def test_plain_loop_without_fabric_and_state_dict_roundtrip() -> None:
     assert list(fresh.losses) == list(guard.losses) and fresh.steps == 5
 
 
+def test_per_layer_gradient_norms_on_metric_steps() -> None:
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    opt = create_optimizer("muon", model, lr=2e-2)
+    fmodel, fopt = fabric.setup(model, opt)
+    guard = StabilityGuard(fopt, fabric=fabric, max_norm=0.05, spike=False, layer_norms=fmodel, log_every=2)
+    loss = loss_of(fmodel, 0)
+    fabric.backward(loss)
+    metrics = guard.step(loss)
+    loss_of(ref, 0).backward()
+    for i in (0, 2, 4):  # the Linear layers of the Sequential: weight and bias together, before clipping
+        layer = ref[i]
+        expected = torch.sqrt(layer.weight.grad.pow(2).sum() + layer.bias.grad.pow(2).sum()).item()
+        assert metrics[f"norms/grad/{i}"] == pytest.approx(expected, rel=1e-5)
+    total = math.sqrt(sum(metrics[f"norms/grad/{i}"] ** 2 for i in (0, 2, 4)))
+    assert total == pytest.approx(metrics["train/grad_norm"], rel=1e-5)
+    assert metrics["train/grad_norm_clipped"] == pytest.approx(0.05, rel=1e-4)
+    loss = loss_of(fmodel, 1)
+    fabric.backward(loss)
+    assert guard.step(loss) == {}  # not a metric step: nothing returned
+    with pytest.raises(TypeError, match="layer_norms"):
+        StabilityGuard(fopt, layer_norms="model")
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"max_norm": 0.0}, "max_norm"), ({"max_norm": float("nan")}, "max_norm"), ({"window": 1}, "window"),
     ({"threshold": -1.0}, "threshold"), ({"min_history": 0}, "min_history"),
