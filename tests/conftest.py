@@ -12,7 +12,22 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ.setdefault("LIGHTNING_OPTIM_COMPILE", "0")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """A data cache (tokenizer, token shards) shared by the recipe runs of one test module."""
+    return str(tmp_path_factory.mktemp("recipe_cache"))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run from a fresh folder, as a user would (recipes write lightning_logs/ under the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -8,11 +8,6 @@ from lightning_optim.cli import main as cli_main
 from tests.recipe_runner import RECIPES, run_recipe, size_override
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("compare_runs_cache"))
-
-
 def test_compare_runs_reads_recipe_logs_and_writes_png_and_table(cache, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for name in ("adamw", "lion"):

@@ -18,17 +18,6 @@ TINY = RECIPES / "tiny.py"
 LLAMA124M = RECIPES / "llama124m.py"
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("behaviour_cache"))
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)

@@ -21,17 +21,6 @@ from tests.recipe_runner import OPTIM_YAMLS, RECIPE_FILES, STRATEGY_YAMLS, cheap
 TORCH_FIELDS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("recipe_matrix_cache"))
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def _needs(key: str) -> None:
     try:  # an optional dependency (bitsandbytes for adamw8bit) may be absent: skip with the reason
         create_optimizer(key, [torch.nn.Parameter(torch.zeros(2, 2))])
