@@ -20,7 +20,10 @@ same work in one call after the backward::
 
 :meth:`StabilityGuard.step` does, in this order (the math is that of the callbacks, by the same functions):
 
-1. **unscale** the gradients when Fabric's precision has a ``GradScaler`` (fp16), so every norm is a true one;
+1. **unscale** the gradients when Fabric's precision has a ``GradScaler`` (fp16; ``scaler.unscale_``, which also
+   serves fused optimizers such as the registry's AdamW, where ``fabric.clip_gradients`` refuses), so every norm is a
+   true one and the scaler's own inf check sees the real gradients: it still skips an overflowing step and lowers
+   its scale when the guard drops that step;
 2. **measure once**: ``s_i = ‖g_i‖²`` for every gradient with one ``torch._foreach_norm`` per (device, dtype),
    summed across ranks for sharded parameters (FSDP/FSDP2; one ``all_reduce``), ``‖g‖ = sqrt(Σ s_i)``
    (:func:`~lightning_optim.callbacks._norms.squared_norms`, :func:`~lightning_optim.callbacks._norms.reduce_squared`);
@@ -190,8 +193,9 @@ class StabilityGuard:
     def step(self, loss: Tensor | float) -> dict[str, float]:
         """One optimizer step after ``backward(loss)`` (module docstring); returns the metrics due this step."""
         opt = _unwrap(self.optimizer)
-        if self.fabric is not None:
-            self.fabric.strategy.precision.unscale_gradients(opt)
+        scaler = getattr(getattr(getattr(self.fabric, "strategy", None), "precision", None), "scaler", None)
+        if scaler is not None:  # fp16: true norms; the scaler records its inf check now, before any drop zeroes
+            scaler.unscale_(opt)  # the gradients, and skips the step and lowers its scale (fused optimizers too)
         grads = step_grads(opt)
         device = local(grads[0]).device if grads else torch.device("cpu")
         loss_t = torch.as_tensor(loss.detach() if isinstance(loss, Tensor) else loss).float().reshape(()).to(device)

@@ -153,6 +153,35 @@ def test_clean_steps_equal_a_plain_loop_bit_for_bit(name: str) -> None:
     assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))  # adamw is fused: it handles the scaler's unscaling itself
+def test_fp16_grad_scaler_sees_the_dropped_step_and_lowers_its_scale(name: str) -> None:
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    model = tiny_model()
+    opt = create_optimizer(name, model, **OPTIMIZERS[name])
+    fmodel, fopt = fabric.setup(model, opt)
+    guard = StabilityGuard(fopt, fabric=fabric, max_norm=0.05, spike=False)
+    ref = copy.deepcopy(model)
+    for step in range(4):
+        loss = loss_of(fmodel, step)
+        if step == 2:
+            loss = loss * float("nan")
+            before = state_copy(opt, model)
+        fabric.backward(loss)
+        with pytest.warns(RuntimeWarning) if step == 2 else _nullcontext():
+            metrics = guard.step(loss)
+        if step == 0:  # the norms are those of the unscaled gradients (fp16 autocast: close, not equal)
+            loss_of(ref, 0).backward()
+            true = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9).item()
+            assert metrics["train/grad_norm"] == pytest.approx(true, rel=1e-3)  # scaled would be 1024x
+        if step == 2:
+            assert_same(before, state_copy(opt, model))
+            assert scaler.get_scale() == 512.0  # the scaler saw the inf and halved its scale
+    assert guard.nonfinite_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_divergence_raises_after_max_consecutive_and_keeps_the_last_good_state() -> None:
     fabric, model, opt, guard = fabric_setup("adamw", max_consecutive=3, spike=False)
     for step in range(2):
