@@ -57,6 +57,10 @@ layer before clipping (a layer is a module owning parameters directly, a Linear'
 host read). :meth:`state_dict` / :meth:`load_state_dict` keep the loss window and the
 counters for ``fabric.save`` / ``fabric.load``.
 
+With gradient accumulation call ``guard.step`` once per optimizer step, after the last micro-batch's backward,
+with the loss of the whole step (the mean of the micro-batch losses, detached), as the Trainer callbacks see it.
+One guard per optimizer. DeepSpeed (whose engine steps itself) is not supported.
+
 Under fp16 a ``GradScaler`` produces inf gradients on purpose while it searches its scale; those steps count as
 non-finite here as they do for ``NonFiniteGuard`` (raise ``max_consecutive`` accordingly).
 """
@@ -205,8 +209,10 @@ class StabilityGuard:
         norm = sq.sqrt()
         coef = clip_coefficient(norm, self.max_norm) if self.max_norm is not None else torch.ones_like(norm)
         bad = ~torch.isfinite(loss_t) | ~torch.isfinite(sq)
-        spiked, _ = spike_test(loss_t, self.losses, self.threshold, self.min_history)
-        if self.monitor_grad_norm:
+        spiked = torch.zeros((), dtype=torch.bool, device=device)
+        if self.spike:
+            spiked = spike_test(loss_t, self.losses, self.threshold, self.min_history)[0]
+        if self.spike and self.monitor_grad_norm:
             spiked = spiked | spike_test(norm, self.grad_norms, self.threshold, self.min_history)[0]
         due = self.steps % self.log_every == 0
         layer_norm = self._layer_norms(opt, per_grad) if due and self._layers is not None else None
