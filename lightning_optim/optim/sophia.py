@@ -23,10 +23,12 @@ tokens, gradient averaged over data-parallel ranks)::
 **A missing Hessian pass is an error, not a silent sign-SGD run.** Inside a Lightning Trainer the first
 ``step()`` raises ``RuntimeError`` when no :class:`~lightning_optim.callbacks.SophiaHessian` callback marked
 the optimizer (:mod:`lightning_optim.optim._needs_callback`: LightningCLI's ``--optimizer`` and a hand-written
-``configure_optimizers`` add none). In any loop, ``step()`` raises when this optimizer object has taken
-``hessian_interval`` steps and :meth:`SophiaG.update_hessian` was never called on it (a plain loop must call it
-every ``hessian_interval`` steps; a resumed object gets ``hessian_interval`` steps again). A run driven by the
-callback skips that count: the callback keeps its own cadence.
+``configure_optimizers`` add none). In a plain loop (or Fabric), the step after this optimizer object has
+taken ``hessian_interval`` steps with :meth:`SophiaG.update_hessian` never called on it warns once
+(``RuntimeWarning``, naming what to call): a loop must call it every ``hessian_interval`` steps (a resumed object
+gets ``hessian_interval`` steps again). It warns rather than raises because stepping with ``h = 0`` is a
+well-defined first-order method (momentum sign steps) that generic harnesses use. A run driven by the callback
+skips that count: the callback keeps its own cadence.
 
 ``bs`` is the number of tokens per optimizer step (the reference passes ``total_bs · block_size`` to
 ``step``). ``bs=None`` (default) lets the callback fill it in at the first Hessian pass (tokens of the batch
@@ -40,6 +42,7 @@ parameters), plus a scalar ``step``. Defaults are the benchmark's (Semenov et al
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -176,19 +179,21 @@ class SophiaG(torch.optim.Optimizer):
 
 
     def _check_hessian_driven(self) -> None:
-        """Refuse a run whose Hessian estimate is never updated (module docstring)."""
+        """Refuse a Trainer run without SophiaHessian; warn on a loop that never updates h (module docstring)."""
         require_callback(self, "lightning_optim.callbacks.SophiaHessian",
                          "its Hessian estimate would stay 0 and every step would be a plain sign step")
         count = getattr(self, "_steps_without_hessian", None)  # absent on an object unpickled from before
         if count is None or is_driven(self):
             return
         if count >= self.hessian_interval:
-            raise RuntimeError(
+            warnings.warn(
                 f"SophiaG has taken {count} steps (hessian_interval={self.hessian_interval}) and update_hessian() "
-                "was never called: its Hessian estimate is still 0. In a plain loop, after every "
-                "hessian_interval-th step, backpropagate the loss on labels sampled from the model "
-                "(CE(logits, multinomial(softmax(logits)))) and call optimizer.update_hessian(bs=tokens per "
-                "step); in Lightning add lightning_optim.callbacks.SophiaHessian")
+                "was never called: its Hessian estimate is still 0, so every step is a plain sign step. In a "
+                "plain loop, after every hessian_interval-th step, backpropagate the loss on labels sampled from "
+                "the model (CE(logits, multinomial(softmax(logits)))) and call optimizer.update_hessian(bs=tokens "
+                "per step); in Lightning add lightning_optim.callbacks.SophiaHessian", RuntimeWarning, stacklevel=3)
+            self._steps_without_hessian = None  # warned once
+            return
         self._steps_without_hessian = count + 1
 
 
