@@ -17,27 +17,16 @@ from typing import Any
 
 import torch
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch without distributed
-    DTensor = None  # type: ignore[assignment]
+from lightning_optim._dtensor import DTensor, is_dtensor, is_sharded, local
+from lightning_optim.param_groups import LARGE_ROWS
 
 __all__ = ["is_dtensor", "local", "shard_sum", "up", "write_back", "next_step", "check_finite_number",
            "check_positive", "check_nonneg", "check_count", "check_betas", "is_matrix_param"]
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (shares storage), the tensor itself otherwise."""
-    return t.to_local() if is_dtensor(t) else t
-
-
 def shard_sum(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``x`` (a float32 tensor of per-shard sums of ``p``) summed over every mesh dimension ``p`` is sharded on."""
-    if not is_dtensor(p) or not any(pl.is_shard() for pl in p.placements):
+    if not is_sharded(p):
         return x
     import torch.distributed as dist
 
@@ -67,9 +56,10 @@ def next_step(state: dict[str, Any]) -> int:
 
 
 def is_matrix_param(group: dict[str, Any], p: torch.Tensor) -> bool:
-    """A group's ``matrix`` flag (set by the default grouping) or, without one, ``p`` having >= 2 dimensions."""
+    """A group's ``matrix`` flag (set by the default grouping) or, without one, the rule for unnamed tensors:
+    >= 2 dimensions and fewer than ``LARGE_ROWS`` rows (an embedding- or head-sized matrix is not a hidden layer)."""
     flag = group.get("matrix")
-    return bool(flag) if flag is not None else p.ndim >= 2
+    return bool(flag) if flag is not None else (p.ndim >= 2 and int(p.shape[0]) < LARGE_ROWS)
 
 
 # ----------------------------------------------------------------------------------------------------------
