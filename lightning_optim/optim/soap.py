@@ -61,6 +61,10 @@ then blows up in the factors' null directions). The bfloat16 copies of the bases
 
 Defaults are the benchmark's (Semenov et al. 2025): lr 1e-3, betas (0.9, 0.999) [0.9999 for long runs],
 shampoo_beta = betas[1], eps 1e-8, weight decay 0.1, precondition_frequency 10, max_precond_dim 10000.
+
+Hugging Face ``Conv1D`` weights are stored (in, out). The left and right preconditioners treat the two sides
+alike, so such a weight needs no special case; a group's ``transposed`` flag (set by the default grouping) is
+ignored here.
 """
 
 from __future__ import annotations
