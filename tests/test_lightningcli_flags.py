@@ -29,12 +29,14 @@ def _fit(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict 
 
 @pytest.fixture(scope="module")
 def muon_wsd(tmp_path_factory):
-    """Muon from --optimizer, PerStepLR(wsd) from --lr_scheduler, 2 batches per epoch: 4 steps over 2 epochs."""
+    """Muon from --optimizer (a plain parameter list, a 10000-token vocabulary), PerStepLR(wsd) from
+    --lr_scheduler, 2 batches per epoch: 4 steps over 2 epochs."""
     proc, report = _fit(tmp_path_factory.mktemp("muon"),
                         "--optimizer", "lightning_optim.optim.muon.Muon", "--optimizer.lr", "0.02",
                         "--lr_scheduler", "lightning_optim.schedules.PerStepLR", "--lr_scheduler.schedule", "wsd",
                         "--lr_scheduler.total_steps", "6", "--lr_scheduler.decay_fraction", "0.5",
-                        "--lr_scheduler.cooldown_shape", "linear", "--model.num_batches", "2")
+                        "--lr_scheduler.cooldown_shape", "linear", "--model.num_batches", "2",
+                        "--model.vocab_size", "10000")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, report
 
@@ -47,6 +49,14 @@ def test_lr_scheduler_flag_steps_per_optimizer_step(muon_wsd):
     assert len(report["groups"]) == 2  # the matrix and the AdamW part
     for group in report["groups"]:  # two epoch ends passed: a per-epoch step would have left f(2) or f(6)
         assert group["lr"] == pytest.approx(group["initial_lr"] * factor), group
+
+
+def test_optimizer_flag_routes_embedding_sized_matrices_of_a_plain_list_to_adamw_and_says_so(muon_wsd):
+    proc, report = muon_wsd
+    rules = {(tuple(row["shape"]), row["rule"]) for row in report["routing"]}
+    assert rules == {((16, 16), "matrix"), ((10000, 16), "adamw"), ((16,), "adamw")}  # embedding, head: AdamW
+    warned = [line for line in proc.stderr.splitlines() if "Muon" in line and "(10000, 16)" in line]
+    assert warned, proc.stderr[-3000:]  # the unnamed list is routed by shape, and the run says so
 
 
 def test_sophia_without_its_callback_fails_at_the_first_step_naming_it(tmp_path):
