@@ -5,10 +5,10 @@ flags. Run from the repository root, e.g.::
 
     python examples/lightningcli_optimizer.py fit \\
         --optimizer lightning_optim.optim.muon.Muon --optimizer.lr 0.02 \\
-        --lr_scheduler lightning_optim.schedules.PerStepLR --lr_scheduler.schedule wsd \\
+        --lr_scheduler lightning_optim.lr_scheduler.PerStepLR --lr_scheduler.schedule wsd \\
         --lr_scheduler.total_steps 4 --trainer.max_steps 4
 
-* ``lightning_optim.schedules.PerStepLR`` steps after every optimizer step (LightningCLI's own path would step a
+* ``lightning_optim.lr_scheduler.PerStepLR`` steps after every optimizer step (LightningCLI's own path would step a
   scheduler once per epoch); ``total_steps`` is required by the schedules with a horizon (cosine, linear, wsd).
 * Optimizers that need a callback fail at their first step without it, naming it; add it on the command line::
 

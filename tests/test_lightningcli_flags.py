@@ -33,7 +33,7 @@ def muon_wsd(tmp_path_factory):
     --lr_scheduler, 2 batches per epoch: 4 steps over 2 epochs."""
     proc, report = _fit(tmp_path_factory.mktemp("muon"),
                         "--optimizer", "lightning_optim.optim.muon.Muon", "--optimizer.lr", "0.02",
-                        "--lr_scheduler", "lightning_optim.schedules.PerStepLR", "--lr_scheduler.schedule", "wsd",
+                        "--lr_scheduler", "lightning_optim.lr_scheduler.PerStepLR", "--lr_scheduler.schedule", "wsd",
                         "--lr_scheduler.total_steps", "6", "--lr_scheduler.decay_fraction", "0.5",
                         "--lr_scheduler.cooldown_shape", "linear", "--model.num_batches", "2",
                         "--model.vocab_size", "10000")

@@ -164,7 +164,7 @@ def _sgd(lr=0.1):
 
 
 def test_per_step_lr_follows_optimizer_steps_and_ignores_its_own_step():
-    from lightning_optim.schedules import PerStepLR
+    from lightning_optim.lr_scheduler import PerStepLR
 
     opt = _sgd()
     sched = PerStepLR(opt, schedule="wsd", total_steps=6, warmup_steps=1, decay_fraction=0.5,
@@ -181,7 +181,7 @@ def test_per_step_lr_follows_optimizer_steps_and_ignores_its_own_step():
 
 
 def test_per_step_lr_refuses_a_missing_horizon_and_a_setting_the_schedule_does_not_take():
-    from lightning_optim.schedules import PerStepLR
+    from lightning_optim.lr_scheduler import PerStepLR
 
     with pytest.raises(ValueError, match=r"schedule 'wsd' needs total_steps .*--lr_scheduler\.total_steps"):
         PerStepLR(_sgd(), schedule="wsd")
@@ -196,7 +196,7 @@ def test_per_step_lr_refuses_a_missing_horizon_and_a_setting_the_schedule_does_n
 
 
 def test_per_step_lr_resumes_at_the_saved_step():
-    from lightning_optim.schedules import PerStepLR
+    from lightning_optim.lr_scheduler import PerStepLR
 
     opt = _sgd()
     sched = PerStepLR(opt, schedule="cosine", total_steps=10, warmup_steps=2)
