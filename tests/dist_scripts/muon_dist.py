@@ -84,6 +84,12 @@ class LM(L.LightningModule):
     def training_step(self, b, i):
         return loss_of(self.model, b[0])
 
+    def configure_callbacks(self):
+        """sf-normuon refuses to step in a Trainer without ScheduleFreeSwitch (none of the others needs one)."""
+        from lightning_optim.callbacks import ScheduleFreeSwitch
+
+        return [ScheduleFreeSwitch()] if self.name_ == "sf-normuon" else []
+
     def configure_optimizers(self):
         return create_optimizer(self.name_, self.model, **HP[self.name_])
 

@@ -94,6 +94,17 @@ class TinyLM(L.LightningModule):
             elif kind == "nan_grad":
                 self.lm_head.weight.grad[0, 0] = float("nan")
 
+    def logits_for_batch(self, batch):
+        """The logits Sophia-G's Hessian pass (SophiaHessian) samples labels from."""
+        return self(batch[0])
+
+    def configure_callbacks(self):
+        """The callbacks the optimizer's registry entry needs (SophiaHessian, ScheduleFreeSwitch): without
+        them those optimizers refuse to step in a Trainer."""
+        from lightning_optim.class_paths import import_object
+
+        return [import_object(path)() for path in lo.optimizer_info(self.optimizer_name).callbacks]
+
     def configure_optimizers(self):
         opt = lo.create_optimizer(self.optimizer_name, self, lr=self.lr, **self.opt_kw)
         sched = lo.create_scheduler(self.scheduler_name, opt, total_steps=self.total_steps)
