@@ -26,7 +26,7 @@ README = (ROOT / "README.md").read_text()
 def _commands(prefix: str) -> list[str]:
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # join continuation lines
             if line.startswith(prefix):
                 lines.append(line)
     return lines
@@ -34,6 +34,7 @@ def _commands(prefix: str) -> list[str]:
 
 RECIPE_COMMANDS = _commands("python recipes/")
 CLI_COMMANDS = _commands("lightning-optim ")
+EXAMPLE_COMMANDS = _commands("python examples/")
 
 
 def _argv(line: str) -> tuple[list[str], str]:
@@ -91,6 +92,14 @@ def test_every_readme_recipe_command_runs(tmp_path_factory):
             assert "resuming from" in out, out[-3000:]
         ran.append(line)
     assert ran == RECIPE_COMMANDS
+
+
+@pytest.mark.parametrize("line", EXAMPLE_COMMANDS)
+def test_every_readme_example_command_runs(line, tmp_path):
+    argv, _ = _argv(line)
+    proc = run_command([*argv[:1], str(ROOT / argv[1]), *argv[2:]], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "`Trainer.fit` stopped" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("line", CLI_COMMANDS)
