@@ -90,9 +90,12 @@ def run_recipe(args, workdir: Path, stability: bool) -> tuple[tuple[float, float
             str(args.n_embd), "--model.n_head", str(args.n_head), "--optim.scheduler", "constant",
             "--optim.warmup_steps", "0", "--trainer.gradient_clip_val", "null" if stability else str(CLIP),
             "--data.global_batch_size", str(args.batch), "--data.micro_batch_size", str(args.batch)]
+    if not stability:  # the recipe's own switches; the Trainer clips instead of GradientClipping
+        argv += ["--nonfinite.enabled", "false", "--spike.enabled", "false", "--clipping.enabled", "false",
+                 "--norms.enabled", "false"]
     os.chdir(workdir)
     source = {"value": ""}
-    orig = _cli.LightningCLI.instantiate_trainer
+    orig = _cli.RecipeCLI.instantiate_trainer
 
     def instantiate_trainer(self, **kw):
         trainer = orig(self, **kw)
@@ -110,11 +113,11 @@ def run_recipe(args, workdir: Path, stability: bool) -> tuple[tuple[float, float
         trainer.callbacks.append(timer)
         return trainer
 
-    _cli.LightningCLI.instantiate_trainer = instantiate_trainer
+    _cli.RecipeCLI.instantiate_trainer = instantiate_trainer
     try:
         cli = _cli.main("tiny", args=argv)
     finally:
-        _cli.LightningCLI.instantiate_trainer = orig
+        _cli.RecipeCLI.instantiate_trainer = orig
     if timer.t0 is None or timer.t1 is None:
         raise RuntimeError("the recipe run ended before the timed window closed")
     tokens = args.steps * cli.datamodule.global_batch_size * cli.datamodule.seq_len
