@@ -384,3 +384,26 @@ def test_adalayer_refuses_dtensors_naming_the_parameter(one_rank_mesh):
     w = nn.Parameter(distribute_tensor(torch.zeros(6, 4), one_rank_mesh, [Shard(0)]))
     with pytest.raises(ValueError, match=r"'blocks.0.mlp.up.weight' is a DTensor"):
         Adalayer([{"params": [w], "param_names": ["blocks.0.mlp.up.weight"]}])
+
+
+@pytest.mark.parametrize("norm", ["spectral", "sign"])
+def test_scion_steps_a_transposed_conv1d_weight_like_the_equivalent_linear(norm):
+    """An HF Conv1D weight (in, out) flagged ``transposed`` gets the LMO of the (out, in) nn.Linear weight."""
+    g = torch.Generator().manual_seed(3)
+    w_linear = torch.randn(24, 8, generator=g)  # (out, in)
+    grads = [torch.randn(24, 8, generator=g) for _ in range(3)]
+    linear = nn.Parameter(w_linear.clone())
+    conv = nn.Parameter(w_linear.t().contiguous())  # (in, out)
+    opt_l = Scion([{"params": [linear], "norm": norm}], lr=0.01)
+    opt_c = Scion([{"params": [conv], "norm": norm, "transposed": [True]}], lr=0.01)
+    for grad in grads:
+        linear.grad, conv.grad = grad.clone(), grad.t().contiguous()
+        opt_l.step()
+        opt_c.step()
+    torch.testing.assert_close(conv.detach().t(), linear.detach(), atol=1e-6, rtol=1e-5)
+    unflagged = nn.Parameter(w_linear.t().contiguous())
+    opt_u = Scion([{"params": [unflagged], "norm": norm}], lr=0.01)
+    for grad in grads:
+        unflagged.grad = grad.t().contiguous()
+        opt_u.step()
+    assert (unflagged.detach().t() - linear.detach()).abs().max() > 1e-4  # orientation matters

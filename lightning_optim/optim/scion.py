@@ -157,6 +157,9 @@ class Scion(torch.optim.Optimizer):
         loss = evaluate_closure(closure)
         for group in self.param_groups:
             mu, lr = group["momentum"], group["lr"]
+            # HF Conv1D weights are stored (in, out): the LMO (its shape factors and sign scaling) acts on the
+            # (out, in) view, as for nn.Linear. The default grouping marks them in ``group["transposed"]``.
+            flipped = {id(q) for q, t in zip(group["params"], group.get("transposed") or []) if t}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -169,7 +172,11 @@ class Scion(torch.optim.Optimizer):
                 x_store, d_store = local(p), local(state["momentum_buffer"])
                 x, d = up(x_store), up(d_store)
                 d.lerp_(up(local(p.grad)), 1.0 - mu)
-                direction = lmo_direction(norm, d, group["eps"], group["ns_steps"], group["ns_coefficients"])
+                if id(p) in flipped and d.ndim == 2:
+                    direction = lmo_direction(norm, d.t(), group["eps"], group["ns_steps"],
+                                              group["ns_coefficients"]).t()
+                else:
+                    direction = lmo_direction(norm, d, group["eps"], group["ns_steps"], group["ns_coefficients"])
                 if not group["unconstrained"]:
                     x.mul_(1.0 - lr)
                 x.sub_(direction, alpha=lr * radius)
