@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 from lightning_optim import create_optimizer, create_scheduler, param_groups, routing_table  # noqa: E402
 from lightning_optim.optim.muon import Muon  # noqa: E402
 from lightning_optim.optim.normuon import NorMuon  # noqa: E402
+from lightning_optim.optim.sf_normuon import SFNorMuon  # noqa: E402
 
 VOCAB = 512
 
@@ -92,7 +93,8 @@ def conv_and_linear(n_in=64, n_out=192, seed=0):
     lambda g: Muon(g, lr=0.02, adjust_lr="match_rms_adamw"),
     lambda g: NorMuon(g, lr=0.02),
     lambda g: NorMuon(g, lr=0.02, adjust_lr="official"),
-], ids=["muon", "muon-rms", "normuon-paper", "normuon-official"])
+    lambda g: SFNorMuon(g, lr=0.02),
+], ids=["muon", "muon-rms", "normuon-paper", "normuon-official", "sf-normuon"])
 def test_one_step_on_conv1d_equals_one_step_on_the_equivalent_linear(make, n_in, n_out):
     conv_net, lin_net, x = conv_and_linear(n_in, n_out)
     opts = [make(param_groups(net, split_matrices=True)) for net in (conv_net, lin_net)]

@@ -29,6 +29,7 @@ so checkpoints (torch.save and torch.distributed.checkpoint) restore them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -69,7 +70,10 @@ class SFNorMuon(ScheduleFreeModes, HybridMatrixOptimizer):
     def _init_matrix_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
         state["z"] = p.detach().clone(memory_format=torch.preserve_format)
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["v"] = state_like_rows(p)
+        if self.transposed_flags(group, [p])[0]:  # one moment per output neuron: the columns of an (in, out) weight
+            state["v"] = torch.zeros(p.shape[1], 1, dtype=torch.float32, device=p.device)
+        else:
+            state["v"] = state_like_rows(p)
 
     def _ns_inputs(self, group: dict[str, Any], ps: list[Tensor]) -> list[Tensor]:
         grads = [local(p.grad) for p in ps]
@@ -85,8 +89,13 @@ class SFNorMuon(ScheduleFreeModes, HybridMatrixOptimizer):
         y = [local(p) for p in ps]
         z = [local(self.state[p]["z"]) for p in ps]
         v = [local(self.state[p]["v"]) for p in ps]
-        P = [o.float() for o in ortho]
+        flip = self.transposed_flags(group, ps)
+        # rows are output neurons on the (out, in) view, for nn.Linear and HF Conv1D (stored (in, out)) alike
+        P = [o.float().t() if f else o.float() for o, f in zip(ortho, flip)]
+        metas = [dataclasses.replace(m, rows=m.cols, cols=m.rows) if f else m for m, f in zip(metas, flip)]
         Ph = row_normalize(P, v, beta2, group["eps"])
+        Ph = [o.t() if f else o for o, f in zip(Ph, flip)]
+        P = [o.t() if f else o for o, f in zip(P, flip)]
         scales = normuon_scales(P, Ph, metas, "paper")
         u = [(o * s).view(x.shape).to(x.dtype) for o, s, x in zip(Ph, scales, y)]
         if wd:
