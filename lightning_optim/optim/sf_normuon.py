@@ -67,6 +67,15 @@ class SFNorMuon(ScheduleFreeModes, HybridMatrixOptimizer):
 
     # -- matrices ------------------------------------------------------------------------------------------
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for group in self.param_groups[-1:]:
+            for p, t in zip(group["params"], group.get("transposed") or []):
+                if t and group["matrix"] and self._meta(p).kind == "sharded":
+                    raise ValueError(f"SF-NorMuon: a transposed (in, out) weight of shape {tuple(p.shape)} in group "
+                                     f"{group.get('name')!r} is an FSDP2 shard; its per-neuron rows would be split "
+                                     "across ranks. Convert the Conv1D to nn.Linear or route it to AdamW.")
+
     def _init_matrix_state(self, p: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
         state["z"] = p.detach().clone(memory_format=torch.preserve_format)
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
