@@ -23,7 +23,7 @@ completes the missing runs only (``--rerun`` forces them all; ``--retry-failed``
 **Fairness.** Every run seeds the model initialisation with the same seed, and the data module's sampling is a
 pure function of (data seed, step), so every optimizer sees the same batches in the same order and is
 evaluated on the same validation windows. Each optimizer uses its registered defaults (the published best
-settings at 124M, see ALGORITHMS.md) with the config's warmup, gradient clipping and schedule;
+settings at 124M of Semenov et al. 2025, arXiv 2509.01440) with the config's warmup, gradient clipping and schedule;
 schedule-free optimizers run with a constant schedule and their own warmup set to the config's. WSD runs use ``wsd_lr_scale`` × the
 peak lr (the benchmark runs WSD at half the cosine peak).
 

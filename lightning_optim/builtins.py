@@ -323,8 +323,8 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     ),
     # torchao's low-bit AdamW (optional extra 'torchao'): adamw8bit-torchao, adamw4bit, adamw-fp8
     *torchao_lowbit.SPECS,
-    *wave2_specs.SPECS,  # issue 17 first batch: lamb, stable-adamw, adam-mini, galore, apollo, apollo-mini
-    *wave2b_specs.SPECS,  # issue 17 second batch: scion, adalayer
+    *wave2_specs.SPECS,  # lamb, stable-adamw, adam-mini, galore, apollo, apollo-mini
+    *wave2b_specs.SPECS,  # scion, adalayer
 )
 
 

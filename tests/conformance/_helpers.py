@@ -234,7 +234,7 @@ def nonfinite_entries(obj: Any) -> list[str]:
 
 def drop_nonfinite_grads(optimizer: torch.optim.Optimizer) -> bool:
     """If any gradient is NaN/inf, drop every gradient (``grad = None``) so the step that follows changes
-    nothing; return whether it did. What ``NonFiniteGuard`` does in ``on_before_optimizer_step`` (DESIGN.md:
+    nothing; return whether it did. What ``NonFiniteGuard`` does in ``on_before_optimizer_step`` (the design:
     "drop the gradients"; non-finite values must not reach optimizer state). Under DDP/FSDP the decision must
     additionally be all-reduced; this single-process fallback does not need it."""
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
