@@ -30,6 +30,21 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    """A one-process gloo mesh: DTensor parameters without a second process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked ``gpu`` are skipped, with the reason, where CUDA is not available."""
     import pytest

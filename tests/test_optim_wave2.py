@@ -404,20 +404,6 @@ def test_bad_hyperparameters_are_refused_naming_the_field(make, field):
 # DTensor code paths (one-process gloo mesh; the 2-process FSDP2 runs are in tests/conformance)
 
 
-@pytest.fixture
-def one_rank_mesh(tmp_path):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("name", ["lamb", "stable-adamw", "adam-mini"])
 def test_row_sharded_dtensors_take_the_plain_steps(name, one_rank_mesh):
     from torch.distributed.tensor import Shard, distribute_tensor

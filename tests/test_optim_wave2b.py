@@ -232,21 +232,6 @@ def test_scion_unconstrained_accepts_a_large_lr_and_a_bad_group_norm_names_the_g
         Scion([{"params": [nn.Parameter(torch.zeros(2, 2))], "name": "g", "lr": 3.0}])
 
 
-@pytest.fixture
-def one_rank_mesh(tmp_path):
-    """A one-process gloo mesh: DTensor parameters without a second process."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_scion_refuses_dtensors_naming_the_parameter(one_rank_mesh):
     """Direct construction (not only through the registry's supports_dtensor=False) names the parameter."""
     from torch.distributed.tensor import Shard, distribute_tensor
