@@ -15,7 +15,8 @@ from optional packages (bitsandbytes) list their defaults in full, because their
 to read a signature when the extra is not installed. Two families are generated from a small table of their
 own and spliced in at the end of :data:`OPTIMIZERS`: torchao's low-bit AdamW
 (:data:`lightning_optim.optim.torchao_lowbit.SPECS`) and the wave-2 optimizers
-(:data:`lightning_optim.optim.wave2_specs.SPECS` and :data:`lightning_optim.optim.wave2b_specs.SPECS`); all build
+(:data:`lightning_optim.optim.wave2_specs.SPECS`, :data:`lightning_optim.optim.wave2b_specs.SPECS` and one
+``<name>_specs`` module per later entry: shampoo, psgd-kron, adamuon, dion); all build
 records from :mod:`lightning_optim.specs` and never import the registry.
 
 **The class is the factory** unless construction needs more than ``cls(params, **hp)``: torch's Adam(W)
@@ -33,16 +34,20 @@ from typing import Any, Callable, Mapping
 import torch
 
 from lightning_optim.optim import (
+    adamuon_specs,
     adamw8bit,
     ademamix,
+    dion_specs,
     adopt,
     lion,
     mars,
     muon,
     normuon,
     prodigy,
+    psgd_kron_specs,
     sf_adamw,
     sf_normuon,
+    shampoo_specs,
     signum,
     soap,
     sophia,
@@ -325,6 +330,10 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     *torchao_lowbit.SPECS,
     *wave2_specs.SPECS,  # lamb, stable-adamw, adam-mini, galore, apollo, apollo-mini
     *wave2b_specs.SPECS,  # scion, adalayer
+    *shampoo_specs.SPECS,
+    *psgd_kron_specs.SPECS,
+    *adamuon_specs.SPECS,
+    *dion_specs.SPECS,
 )
 
 
