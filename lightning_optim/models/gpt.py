@@ -166,7 +166,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Causal self-attention with one fused ``qkv`` projection (rows: q, then k, then v). With
     ``n_kv_head < n_head`` (grouped-query attention) k and v have ``n_kv_head`` heads, each shared by
-    ``n_head / n_kv_head`` query heads."""
+    ``n_head / n_kv_head`` query heads.
+
+    The logits are ``softmax_scale · q·kᵀ`` (``softmax_scale = 1/sqrt(head_dim)``). Code that needs the
+    queries and keys (QK-clip's per-head maximum logit) sets ``qk_observer`` to a callable
+    ``observer(module, q, k)``; it is called in every forward with ``q`` of shape ``(B, n_head, T, head_dim)``
+    and ``k`` of shape ``(B, n_kv_head, T, head_dim)``, after RoPE. :meth:`qk_head_rows` says which rows of
+    ``qkv.weight`` produce a head.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -175,6 +182,17 @@ class Attention(nn.Module):
         self.rope, self.rope_theta = cfg.arch == "llama", cfg.rope_theta
         self.qkv = Linear(cfg.n_embd, cfg.n_embd + 2 * cfg.kv_dim, bias=bias)
         self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=bias, std=INIT_STD / math.sqrt(2 * cfg.n_layer))
+        self.softmax_scale = 1.0 / math.sqrt(self.head_dim)
+        self.qk_observer = None
+
+    def qk_head_rows(self, head: int) -> tuple[slice, slice]:
+        """Rows of ``qkv.weight`` (and of its bias) that produce query head ``head`` and the key head it reads
+        (``head // (n_head / n_kv_head)``)."""
+        if not 0 <= head < self.n_head:
+            raise ValueError(f"head must be in [0, {self.n_head}), got {head}")
+        hd, width = self.head_dim, self.n_head * self.head_dim
+        g = head // (self.n_head // self.n_kv_head)
+        return slice(head * hd, (head + 1) * hd), slice(width + g * hd, width + (g + 1) * hd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -186,7 +204,10 @@ class Attention(nn.Module):
         if self.rope:
             cos, sin = _rope_tables(T, self.head_dim, self.rope_theta, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        if self.qk_observer is not None:
+            self.qk_observer(self, q, k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
