@@ -257,6 +257,10 @@ def _checked(lr, betas, epsilon, weight_decay, max_preconditioner_dim, precondit
     )
 
 
+_CHECKED = ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner_dim", "precondition_frequency",
+            "start_preconditioning_step", "grafting", "grafting_beta2", "grafting_epsilon", "root_method", "root_dtype")
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -304,14 +308,12 @@ class Shampoo(torch.optim.Optimizer):
     ) -> None:
         defaults = _checked(lr, betas, epsilon, weight_decay, max_preconditioner_dim, precondition_frequency,
                             start_preconditioning_step, grafting, grafting_beta2, grafting_epsilon, root_method,
-                            root_dtype)
+                            root_dtype)  # the order of _CHECKED
         defaults.update(use_bias_correction=bool(use_bias_correction), merge_dims=bool(merge_dims),
                         precondition_1d=bool(precondition_1d))
         super().__init__(params, defaults)
         for group in self.param_groups:  # per-group overrides get the same checks and normalisation
-            group.update(_checked(*(group[k] for k in ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner_dim",
-                                          "precondition_frequency", "start_preconditioning_step", "grafting",
-                                          "grafting_beta2", "grafting_epsilon", "root_method", "root_dtype"))))
+            group.update(_checked(**{k: group[k] for k in _CHECKED}))
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -424,11 +426,11 @@ class Shampoo(torch.optim.Optimizer):
             root = fn(factor.to(_ROOT_DTYPES[group["root_dtype"]]), p, group["epsilon"])
         except RuntimeError as err:
             warnings.warn(f"Shampoo: the root of factor {key} of {label} failed ({err}); keeping the previous root",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=5)
             return
         if not bool(torch.isfinite(root).all()):
             warnings.warn(f"Shampoo: the root of factor {key} of {label} is not finite (is the factor finite?); "
-                          "keeping the previous root", RuntimeWarning, stacklevel=4)
+                          "keeping the previous root", RuntimeWarning, stacklevel=5)
             return
         target.copy_(root)
 
