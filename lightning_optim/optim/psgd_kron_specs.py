@@ -1,13 +1,42 @@
 """Registry records of psgd-kron: one :class:`~lightning_optim.specs.OptimizerSpec` per registry name.
 
 The algorithm module knows nothing of the registry; :mod:`lightning_optim.builtins` splices :data:`SPECS`
-into the built-in table.
+into the built-in table. The record's ``defaults`` are the class's ``__init__`` defaults (kron_torch's
+published settings live in the signature, written once); the state layout counts the factors with the same
+layout function the optimizer uses (:func:`~lightning_optim.optim.psgd_kron.factor_numel`) at those defaults.
 """
 
 from __future__ import annotations
 
-from lightning_optim.specs import OptimizerSpec
+from lightning_optim.optim import psgd_kron
+from lightning_optim.specs import OptimizerSpec, StateLayout, signature_defaults
 
 __all__ = ["SPECS"]
 
-SPECS: tuple[OptimizerSpec, ...] = ()
+_DEFAULTS = signature_defaults(psgd_kron.PSGDKron)[0]
+_LAYOUT_KEYS = ("max_size_triangular", "min_ndim_triangular", "memory_save_mode", "merge_dims")
+
+
+def _factors(shape: tuple[int, ...]) -> int:
+    """+ Σ d² (triangular factors, dims <= 8192) + Σ d (diagonal: vectors, larger dims)"""
+    return psgd_kron.factor_numel(shape, **{k: _DEFAULTS[k] for k in _LAYOUT_KEYS})
+
+
+SPECS: tuple[OptimizerSpec, ...] = (
+    OptimizerSpec(
+        name="psgd-kron", factory=psgd_kron.PSGDKron, defaults=_DEFAULTS, family="matrix",
+        state=StateLayout(1, extra=_factors, names=("momentum_buffer",)),
+        routing="every parameter follows the same rule: one Kronecker factor per dimension of its work shape "
+        "(> 2 dims merged to a matrix), triangular for dims <= max_size_triangular of tensors with >= "
+        "min_ndim_triangular dims, diagonal otherwise (vectors, 0-d, larger dims, memory_save_mode)",
+        paper="Li 2018, Preconditioner on Matrix Lie Group for SGD (arXiv 1809.10232); Li 2015, Preconditioned "
+        "Stochastic Gradient Descent (arXiv 1512.04202)",
+        reference="https://github.com/evanatyourservice/kron_torch (kron_torch/kron.py, PyPI kron-torch 0.3.3: "
+        "defaults, update schedule, RMS clip); https://github.com/lixilinx/psgd_torch",
+        description="debiased momentum preconditioned by P = QᵀQ, Q a Kronecker product of triangular/diagonal "
+        "factors fitted online to whiten it (random probe v); update RMS clipped to 1.1",
+        supports_dtensor=True,
+        dtensor_note="the gradient is gathered (one all-gather per parameter per step); the state is replicated, "
+        "not sharded, and every rank computes the full update (as SOAP)",
+    ),
+)
