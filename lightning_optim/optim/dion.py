@@ -80,7 +80,7 @@ from torch import Tensor
 
 from lightning_optim.optim._hybrid import HybridMatrixOptimizer
 from lightning_optim.optim._low_precision import mix_seed
-from lightning_optim.optim._matrix_dist import CommCounter, MatrixMeta, _group_key, local
+from lightning_optim.optim._matrix_dist import CommCounter, MatrixMeta, local
 
 __all__ = ["Dion", "dion_rank", "initial_q", "SKETCH_OVERSAMPLE"]
 
@@ -162,7 +162,7 @@ def _all_reduce_sum(tensors: list[Tensor], works: list[_Work]) -> list[Tensor]:
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, w in enumerate(works):
         if w.sharded():
-            buckets[(_group_key(w.meta.group), tensors[i].dtype)].append(i)
+            buckets[(w.meta.bucket_key(), tensors[i].dtype)].append(i)
     for idx in buckets.values():
         flat = torch.cat([tensors[i].reshape(-1) for i in idx])
         dist.all_reduce(flat, group=works[idx[0]].meta.group)
