@@ -29,6 +29,12 @@ formula uncompiled, with one warning for the process), ``True`` (compile, errors
 (the eager foreach path). The environment variable ``LIGHTNING_OPTIM_COMPILE=0`` makes ``"auto"`` eager
 without a warning (the test suite sets it for speed); ``=1`` leaves it as ``"auto"``.
 
+Cautious updates (``cautious=True`` on a subclass that offers it; Liang et al. 2024, the rule and its sources in
+:mod:`lightning_optim.optim._cautious`): the eager ``_update`` masks its update with ``cautious_``/``cautious``
+(``param_objs`` give FSDP2 shards the global mask mean); the compiled path runs the subclass's ``cautious_kernel``
+(the same rule on one whole tensor). A bucket holding a sharded DTensor takes the eager path when cautious, as its
+mask mean needs an all-reduce. ``cautious=False`` (the default) runs exactly the code it ran before.
+
 Low-precision state (``state_dtype="bfloat16"``): the tensors named in ``lowp_names`` (default: all) are allocated in
 bfloat16; every update reads them as float32 and writes them back with stochastic rounding
 (:mod:`lightning_optim.optim._low_precision`), on both paths. The eager path does so in chunks of tensors
@@ -46,6 +52,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from lightning_optim.optim._cautious import check_cautious, needs_global_count
 from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim._dtensor import is_dtensor, local
 from lightning_optim.optim._low_precision import (SR_SLOT_STRIDE, check_state_dtype, mix_seed, seed_tensor, sr_copy_,
@@ -220,6 +227,9 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
     lowp_names: tuple[str, ...] | None = None
     #: state created outside ``state_names`` (MARS's ``last_grad``); with them, the rounding slot order
     extra_state_names: tuple[str, ...] = ()
+    #: ``kernel`` with the cautious mask (:mod:`lightning_optim.optim._cautious`) on its update, same arguments;
+    #: used for groups with ``cautious=True`` (``None``: such groups take the eager path)
+    cautious_kernel: Callable[..., None] | None = None
 
     def __init__(self, params: Any, defaults: dict[str, Any], compiled: bool | str = "auto",
                  state_dtype: str | None = None) -> None:
@@ -228,6 +238,8 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             group["state_dtype"] = check_state_dtype(group["state_dtype"], f"param_groups[{i}].state_dtype")
+            if "cautious" in group:
+                group["cautious"] = check_cautious(group["cautious"], f"{type(self).__name__} param_groups[{i}]")
         self.compiled = compiled
 
     def use_compiled(self, device: torch.device) -> bool:
@@ -330,10 +342,20 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
                 results.append(out)
         return bucket.subset([i for i in range(len(bucket.params)) if i not in taken])
 
+    def _kernel_for(self, group: dict[str, Any], bucket: Bucket, kernel: Callable[..., Any] | None,
+                    cautious_kernel: Callable[..., Any] | None) -> Callable[..., Any] | None:
+        """The compiled kernel for ``bucket``: ``kernel``, or ``cautious_kernel`` for a group with
+        ``cautious=True`` — ``None`` (the eager path) when a tensor is a sharded DTensor, whose mask mean needs
+        the all-reduce that only the eager path does (every rank then takes the same path, so collectives match)."""
+        if not group.get("cautious"):
+            return kernel
+        return None if needs_global_count(bucket.param_objs) else cautious_kernel
+
     def _step_bucket(self, group: dict[str, Any], bucket: Bucket) -> None:
         compiled = bucket.params and self.use_compiled(bucket.params[0].device)
         seeds = self._sr_seeds(group, bucket)
-        rest = self._run_kernel(bucket, type(self).kernel, self._kernel_scalars(group, bucket) if compiled else None,
+        kernel = self._kernel_for(group, bucket, type(self).kernel, type(self).cautious_kernel)
+        rest = self._run_kernel(bucket, kernel, self._kernel_scalars(group, bucket) if compiled else None,
                                 seeds=seeds)
         if rest.params:
             self._update_eager(group, rest, self._update)
