@@ -6,6 +6,11 @@ Models", arXiv 2411.10438), for matrices; AdamW for everything else::
                p -= lr·(wd·p + (m/bc1)/(sqrt(v/bc2) + eps))
     others:    the same AdamW step on g, with ``adamw_lr`` and ``adamw_betas``
 
+``cautious=True`` (Liang et al. 2024, arXiv 2411.16085; C-AdamW's rule on both parts): the applied first moment
+``m`` is masked where it disagrees with the raw gradient ``g`` (the gradient at the current weights, not the
+corrected ``c``) and rescaled, ``m ⊙ 1[m ⊙ g > 0] / max(mean(1[m ⊙ g > 0]), 1e-3)``; state and weight decay are
+not masked (:mod:`lightning_optim.optim._cautious`).
+
 ``g_prev`` starts at zeros (as in AGI-Arena/MARS). State 3×P for matrices (``exp_avg``, ``exp_avg_sq``,
 ``last_grad``), 2×P for the rest.
 
@@ -42,6 +47,7 @@ from typing import Any
 import torch
 
 from lightning_optim._dtensor import is_sharded
+from lightning_optim.optim._cautious import cautious, cautious_tensor, check_cautious
 from lightning_optim.optim._elementwise import (
     Bucket,
     ElementwiseOptimizer,
@@ -57,11 +63,14 @@ __all__ = ["MARS"]
 
 def _adamw_tail(p: torch.Tensor, c: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w1: torch.Tensor,
                 beta2: torch.Tensor, w2: torch.Tensor, inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor,
-                decay: torch.Tensor, neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None) -> None:
+                decay: torch.Tensor, neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None,
+                mask_grad: torch.Tensor | None = None) -> None:
+    """AdamW on the (corrected) gradient ``c``; ``mask_grad``: apply the cautious mask of ``m`` against it."""
     m32, v32 = up(m), up(v)
     m_new = m32 + w1 * (c - m32)
     v_new = v32 * beta2 + w2 * c * c
-    p.copy_(up(p) * decay + neg_lr_bc1 * m_new / (torch.sqrt(v_new) * inv_sqrt_bc2 + eps))
+    m_app = m_new if mask_grad is None else cautious_tensor(m_new, mask_grad)
+    p.copy_(up(p) * decay + neg_lr_bc1 * m_app / (torch.sqrt(v_new) * inv_sqrt_bc2 + eps))
     store(m, m_new, seed, 0)
     store(v, v_new, seed, 1)
 
@@ -69,21 +78,39 @@ def _adamw_tail(p: torch.Tensor, c: torch.Tensor, m: torch.Tensor, v: torch.Tens
 def mars_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
                 vr: torch.Tensor, w1: torch.Tensor, beta2: torch.Tensor, w2: torch.Tensor,
                 inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor, decay: torch.Tensor,
-                neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+                neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None = None, cautious: bool = False) -> None:
     """One matrix, for the compiled path: ``vr = γ·β1/(1-β1)``, ``w1 = 1 - β1``, ``w2 = 1 - β2``,
-    ``decay = 1 - lr·wd``, ``neg_lr_bc1 = -lr/bc1``; ``seed``: stochastic rounding of bf16 state."""
+    ``decay = 1 - lr·wd``, ``neg_lr_bc1 = -lr/bc1``; ``seed``: stochastic rounding of bf16 state; ``cautious``:
+    mask the applied ``m`` against ``g``."""
     g = up(g)
     c = g + vr * (g - up(last))
     c = c / torch.clamp_min(torch.linalg.vector_norm(c), 1.0)
     store(last, g, seed, 2)
-    _adamw_tail(p, c, m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1, seed)
+    _adamw_tail(p, c, m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1, seed, g if cautious else None)
+
+
+def mars_cautious_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
+                         vr: torch.Tensor, w1: torch.Tensor, beta2: torch.Tensor, w2: torch.Tensor,
+                         inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor, decay: torch.Tensor,
+                         neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+    """:func:`mars_kernel` with the cautious mask."""
+    mars_kernel(p, g, m, v, last, vr, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1, seed, cautious=True)
 
 
 def adamw_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w1: torch.Tensor,
                  beta2: torch.Tensor, w2: torch.Tensor, inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor,
-                 decay: torch.Tensor, neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+                 decay: torch.Tensor, neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None = None,
+                 cautious: bool = False) -> None:
     """The AdamW step of MARS's non-matrix parameters on one tensor, for the compiled path."""
-    _adamw_tail(p, up(g), m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1, seed)
+    g = up(g)
+    _adamw_tail(p, g, m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1, seed, g if cautious else None)
+
+
+def adamw_cautious_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w1: torch.Tensor,
+                          beta2: torch.Tensor, w2: torch.Tensor, inv_sqrt_bc2: torch.Tensor, eps: torch.Tensor,
+                          decay: torch.Tensor, neg_lr_bc1: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+    """:func:`adamw_kernel` with the cautious mask (C-AdamW)."""
+    adamw_kernel(p, g, m, v, w1, beta2, w2, inv_sqrt_bc2, eps, decay, neg_lr_bc1, seed, cautious=True)
 
 
 class MARS(ElementwiseOptimizer):
@@ -95,7 +122,7 @@ class MARS(ElementwiseOptimizer):
     def __init__(self, params: Any, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99),
                  gamma: float = 0.025, eps: float = 1e-8, weight_decay: float = 0.1, adamw_lr: float = 1e-3,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), compiled: bool | str = "auto",
-                 state_dtype: str | None = None) -> None:
+                 state_dtype: str | None = None, cautious: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, gamma=gamma, adamw_lr=adamw_lr)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -123,7 +150,8 @@ class MARS(ElementwiseOptimizer):
                 g.setdefault("lr", adamw_lr)
                 g.setdefault("betas", adamw_betas)
         super().__init__(split, dict(lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay,
-                                     adamw_lr=adamw_lr, adamw_betas=adamw_betas, matrix=True), compiled,
+                                     adamw_lr=adamw_lr, adamw_betas=adamw_betas, matrix=True,
+                                     cautious=check_cautious(cautious, "MARS")), compiled,
                          state_dtype)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -147,10 +175,12 @@ class MARS(ElementwiseOptimizer):
             tail = (1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2**t), group["eps"], 1.0 - lr * wd,
                     -lr / (1.0 - beta1**t))
             if group["matrix"]:
-                b = self._run_kernel(b, mars_kernel, (group["gamma"] * beta1 / (1.0 - beta1), *tail),
+                b = self._run_kernel(b, self._kernel_for(group, b, mars_kernel, mars_cautious_kernel),
+                                     (group["gamma"] * beta1 / (1.0 - beta1), *tail),
                                      ("exp_avg", "exp_avg_sq", "last_grad"), seeds=seeds)
             else:
-                b = self._run_kernel(b, adamw_kernel, tail, seeds=seeds)
+                b = self._run_kernel(b, self._kernel_for(group, b, adamw_kernel, adamw_cautious_kernel), tail,
+                                     seeds=seeds)
         if b.params:
             self._update_eager(group, b, self._update)
 
@@ -179,7 +209,8 @@ class MARS(ElementwiseOptimizer):
         torch._foreach_add_(denom, eps)
         if wd != 0:
             torch._foreach_mul_(b.params, 1.0 - lr * wd)
-        torch._foreach_addcdiv_(b.params, m, denom, value=-lr / bc1)
+        torch._foreach_addcdiv_(b.params, cautious(m, b.grads, b.param_objs) if group.get("cautious") else m, denom,
+                                value=-lr / bc1)
 
     @staticmethod
     def _norms(c: list[torch.Tensor], b: Bucket) -> list[torch.Tensor]:

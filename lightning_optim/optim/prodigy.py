@@ -7,6 +7,11 @@ arXiv 2306.06101): Adam whose step size ``d`` is estimated on the fly; ``lr`` st
     m = β1·m + d(1-β1)·g;   v = β2·v + d²(1-β2)·g²
     p -= wd·dlr·p;   p -= dlr·m/(sqrt(v) + d·eps)
 
+``cautious=True`` (Liang et al. 2024, arXiv 2411.16085): the applied ``m`` is masked where it disagrees with the
+gradient ``g`` (with the L2 term under ``decouple=False``) and rescaled, ``m ⊙ 1[m ⊙ g > 0] / max(mean(1[m ⊙ g > 0]),
+1e-3)``, as C-AdamW masks its first moment; the state, the weight decay and the ``d`` estimate (its sums use ``g``,
+``s`` and ``p0``, not the update) are not masked (:mod:`lightning_optim.optim._cautious`).
+
 ``β3 = sqrt(β2)`` unless given. State 4×P (``s``, ``p0``, ``exp_avg``, ``exp_avg_sq``); ``d``, ``d_max``,
 ``d_numerator`` live in every group (as in prodigyopt) as 0-d float64 device tensors.
 
@@ -40,6 +45,7 @@ import torch
 
 from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim._dtensor import is_sharded
+from lightning_optim.optim._cautious import cautious, cautious_, cautious_tensor, check_cautious
 from lightning_optim.optim._elementwise import ElementwiseOptimizer, check_betas, check_nonneg, local
 from lightning_optim.optim._low_precision import store, up
 
@@ -61,15 +67,26 @@ def prodigy_sums_kernel(p: torch.Tensor, g: torch.Tensor, s: torch.Tensor, p0: t
 
 def prodigy_update_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: torch.Tensor,
                           c_m: torch.Tensor, beta2: torch.Tensor, c_v: torch.Tensor, c_eps: torch.Tensor,
-                          decay: torch.Tensor, neg_dlr: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+                          decay: torch.Tensor, neg_dlr: torch.Tensor, seed: torch.Tensor | None = None,
+                          cautious: bool = False) -> None:
     """Second pass over one tensor, for the compiled path: ``c_m = d(1-β1)``, ``c_v = d²(1-β2)``,
-    ``c_eps = d_new·eps``, ``decay = 1 - wd·dlr`` (decoupled) or 1; ``seed``: stochastic rounding of bf16 m/v."""
+    ``c_eps = d_new·eps``, ``decay = 1 - wd·dlr`` (decoupled) or 1; ``seed``: stochastic rounding of bf16 m/v;
+    ``cautious``: mask the applied ``m``."""
     g = up(g)
     m_new = up(m) * beta1 + g * c_m
     v_new = up(v) * beta2 + g * c_v * g
-    p.copy_(up(p) * decay + neg_dlr * m_new / (torch.sqrt(v_new) + c_eps))
+    m_app = cautious_tensor(m_new, g) if cautious else m_new
+    p.copy_(up(p) * decay + neg_dlr * m_app / (torch.sqrt(v_new) + c_eps))
     store(m, m_new, seed, 2)  # slots: indices in state_names (s, p0, exp_avg, exp_avg_sq)
     store(v, v_new, seed, 3)
+
+
+def prodigy_update_cautious_kernel(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                                   beta1: torch.Tensor, c_m: torch.Tensor, beta2: torch.Tensor, c_v: torch.Tensor,
+                                   c_eps: torch.Tensor, decay: torch.Tensor, neg_dlr: torch.Tensor,
+                                   seed: torch.Tensor | None = None) -> None:
+    """:func:`prodigy_update_kernel` with the cautious mask."""
+    prodigy_update_kernel(p, g, m, v, beta1, c_m, beta2, c_v, c_eps, decay, neg_dlr, seed, cautious=True)
 
 
 class Prodigy(ElementwiseOptimizer):
@@ -85,7 +102,7 @@ class Prodigy(ElementwiseOptimizer):
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.1,
                  use_bias_correction: bool = True, safeguard_warmup: bool = False, d0: float = 1e-6,
                  d_coef: float = 1.0, growth_rate: float = math.inf, decouple: bool = True,
-                 compiled: bool | str = "auto", state_dtype: str | None = None) -> None:
+                 compiled: bool | str = "auto", state_dtype: str | None = None, cautious: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay, d_coef=d_coef)
         if d0 <= 0 or growth_rate <= 0 or eps <= 0:
             raise ValueError(f"d0, growth_rate and eps must be > 0, got {d0}, {growth_rate}, {eps}")
@@ -95,6 +112,7 @@ class Prodigy(ElementwiseOptimizer):
             lr=lr, betas=check_betas(betas, 2), beta3=beta3, eps=eps, weight_decay=weight_decay,
             use_bias_correction=bool(use_bias_correction), safeguard_warmup=bool(safeguard_warmup), d0=d0,
             d_coef=d_coef, growth_rate=growth_rate, decouple=bool(decouple), k=0,
+            cautious=check_cautious(cautious, "Prodigy"),
         ), compiled, state_dtype)
         for group in self.param_groups:
             self._init_d(group)
@@ -207,7 +225,8 @@ class Prodigy(ElementwiseOptimizer):
                 for b in buckets:
                     if b.params and self.use_compiled(b.params[0].device):
                         decay = 1 - wd * dlr if wd != 0 and group["decouple"] else torch.ones_like(dlr)
-                        b = self._run_kernel(b, prodigy_update_kernel, (
+                        kernel = self._kernel_for(group, b, prodigy_update_kernel, prodigy_update_cautious_kernel)
+                        b = self._run_kernel(b, kernel, (
                             gb1, d * (1 - gb1), gb2, d * d * (1 - gb2), d_new * eps, decay, -dlr),
                             ("exp_avg", "exp_avg_sq"), seeds=self._sr_seeds(group, b))
                     if b.params:
@@ -237,7 +256,8 @@ class Prodigy(ElementwiseOptimizer):
             torch._foreach_add_(denom_t, float(d_new) * eps)
             if wd != 0 and group["decouple"]:
                 torch._foreach_mul_(b.params, 1 - wd * dlr_f)
-            torch._foreach_addcdiv_(b.params, m, denom_t, value=-dlr_f)
+            m_app = cautious(m, b.grads, b.param_objs) if group.get("cautious") else m
+            torch._foreach_addcdiv_(b.params, m_app, denom_t, value=-dlr_f)
             return
         torch._foreach_mul_(m, gb1)
         torch._foreach_add_(m, torch._foreach_mul(b.grads, (d * (1 - gb1)).to(p_dtype)))
@@ -249,6 +269,8 @@ class Prodigy(ElementwiseOptimizer):
             torch._foreach_mul_(b.params, (1 - wd * dlr).to(p_dtype))
         torch._foreach_reciprocal_(denom_t)
         torch._foreach_mul_(denom_t, m)
+        if group.get("cautious"):
+            cautious_(denom_t, b.grads, b.param_objs)  # m/denom: the same signs as m
         torch._foreach_mul_(denom_t, (-dlr).to(p_dtype))
         torch._foreach_add_(b.params, denom_t)
 

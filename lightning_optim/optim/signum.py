@@ -4,6 +4,10 @@
     d   = g + μ·buf  (Nesterov)  else  buf
     p  *= 1 - lr·wd;   p -= lr·sign(d)
 
+``cautious=True`` (Liang et al. 2024, arXiv 2411.16085): the sign update ``sign(d)`` is masked where it
+disagrees with ``g`` and rescaled, ``u ⊙ 1[u ⊙ g > 0] / max(mean(1[u ⊙ g > 0]), 1e-3)``
+(:mod:`lightning_optim.optim._cautious`), as C-Lion masks its sign update; the weight decay is not masked.
+
 State 1×P (``momentum_buffer``). Defaults (best 124M settings of Semenov et al. 2025): lr 1e-3, μ 0.95,
 Nesterov on, weight decay 0.1.
 
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lightning_optim.optim._cautious import cautious_, cautious_tensor, check_cautious
 from lightning_optim.optim._elementwise import Bucket, ElementwiseOptimizer, check_nonneg
 from lightning_optim.optim._low_precision import store, up
 
@@ -28,14 +33,24 @@ __all__ = ["Signum"]
 
 
 def signum_kernel(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, decay: torch.Tensor, neg_lr: torch.Tensor,
-                  mu: torch.Tensor, nesterov: torch.Tensor, seed: torch.Tensor | None = None) -> None:
+                  mu: torch.Tensor, nesterov: torch.Tensor, seed: torch.Tensor | None = None,
+                  cautious: bool = False) -> None:
     """One tensor, for the compiled path: ``decay = 1 - lr·wd``; ``nesterov`` is 1.0 or 0.0; ``seed``:
-    stochastic rounding of a bf16 ``buf``."""
+    stochastic rounding of a bf16 ``buf``; ``cautious``: mask the sign update."""
     g = up(g)
     b = up(buf) * mu + g
     d = torch.sign(torch.where(nesterov > 0, g + mu * b, b))  # nesterov: sign(g + μ·b); otherwise sign(b)
+    if cautious:
+        d = cautious_tensor(d, g)
     store(buf, b, seed)
     p.copy_(up(p) * decay + neg_lr * d)
+
+
+def signum_cautious_kernel(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, decay: torch.Tensor,
+                           neg_lr: torch.Tensor, mu: torch.Tensor, nesterov: torch.Tensor,
+                           seed: torch.Tensor | None = None) -> None:
+    """:func:`signum_kernel` with the cautious mask."""
+    signum_kernel(p, g, buf, decay, neg_lr, mu, nesterov, seed, cautious=True)
 
 
 class Signum(ElementwiseOptimizer):
@@ -44,13 +59,16 @@ class Signum(ElementwiseOptimizer):
     state_names = ("momentum_buffer",)
     counts_steps = False
     kernel = staticmethod(signum_kernel)
+    cautious_kernel = staticmethod(signum_cautious_kernel)
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.1, compiled: bool | str = "auto", state_dtype: str | None = None) -> None:
+                 weight_decay: float = 0.1, compiled: bool | str = "auto", state_dtype: str | None = None,
+                 cautious: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), weight_decay=weight_decay),
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), weight_decay=weight_decay,
+                              cautious=check_cautious(cautious, "Signum")),
                          compiled, state_dtype)
 
     def _kernel_scalars(self, group: dict[str, Any], b: Bucket) -> tuple:
@@ -67,6 +85,8 @@ class Signum(ElementwiseOptimizer):
             torch._foreach_sign_(d)
         else:
             d = torch._foreach_sign(buf)
+        if group.get("cautious"):
+            cautious_(d, b.grads, b.param_objs)
         if wd != 0:
             torch._foreach_mul_(b.params, 1.0 - lr * wd)
         torch._foreach_add_(b.params, d, alpha=-lr)
