@@ -7,6 +7,12 @@ arXiv 1904.00962, Algorithm 2), per parameter tensor ``x`` with gradient ``g`` a
     trust = φ(‖x‖) / ‖r‖        (1 when ‖x‖ = 0 or ‖r‖ = 0, as the reference implementation does)
     x ← x - η·trust·r
 
+``cautious=True`` (Liang et al. 2024, arXiv 2411.16085; no published cautious LAMB, so C-AdamW's rule on LAMB's
+Adam part): the ratio ``m̂ / (sqrt(v̂) + ε)`` is masked where it disagrees with ``g`` and rescaled,
+``u ⊙ 1[u ⊙ g > 0] / max(mean(1[u ⊙ g > 0]), 1e-3)`` (mean over the whole tensor, all-reduced under FSDP2), before
+``λ·x`` is added (the weight decay is not masked); the trust ratio is then that of the resulting ``r``
+(:mod:`lightning_optim.optim._cautious`).
+
 ``φ(z) = min(z, weight_norm_clip)`` (``None``: ``φ(z) = z``, the paper's experiments). The norms are of the
 whole tensor ("layer"); under FSDP2 the squared norms of the shards are all-reduced, so a sharded run takes
 the same step as an unsharded one. A group with ``layer_adaptation=False`` uses ``trust = 1`` (plain AdamW with
@@ -28,6 +34,7 @@ from typing import Any
 
 import torch
 
+from lightning_optim.optim._cautious import cautious_, check_cautious
 from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._per_tensor import (check_betas, check_nonneg, check_positive, local, next_step,
                                                shard_sum, up, write_back)
@@ -40,14 +47,17 @@ class LAMB(torch.optim.Optimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
-                 weight_norm_clip: float | None = None, layer_adaptation: bool = True) -> None:
+                 weight_norm_clip: float | None = None, layer_adaptation: bool = True, cautious: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay)
         check_positive(eps=eps)
         if weight_norm_clip is not None:
             check_positive(weight_norm_clip=weight_norm_clip)
         super().__init__(params, dict(lr=lr, betas=check_betas(betas), eps=eps, weight_decay=weight_decay,
                                       bias_correction=bool(bias_correction), weight_norm_clip=weight_norm_clip,
-                                      layer_adaptation=bool(layer_adaptation)))
+                                      layer_adaptation=bool(layer_adaptation),
+                                      cautious=check_cautious(cautious, "LAMB")))
+        for i, group in enumerate(self.param_groups):
+            group["cautious"] = check_cautious(group["cautious"], f"LAMB param_groups[{i}]")
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -73,6 +83,8 @@ class LAMB(torch.optim.Optimizer):
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         bc1, bc2 = (1.0 - beta1 ** t, 1.0 - beta2 ** t) if group["bias_correction"] else (1.0, 1.0)
         r = (m / bc1).div_((v / bc2).sqrt_().add_(group["eps"]))
+        if group.get("cautious"):
+            cautious_([r], [g], [p])
         if group["weight_decay"] != 0:
             r.add_(x, alpha=group["weight_decay"])
         if group["layer_adaptation"]:

@@ -13,6 +13,11 @@ The clipping lowers the step of a tensor whose second moment is out of date (a g
 ``sqrt(v)``), the loss-spike cause the paper identifies; decay uses the clipped ``η`` too, as in the box.
 Under FSDP2 the mean is over the whole tensor: the shards' sums are all-reduced.
 
+``cautious=True`` (Liang et al. 2024, arXiv 2411.16085): the update ``u = m / (sqrt(v) + ε)`` is masked where it
+disagrees with ``g`` and rescaled, ``u ⊙ 1[u ⊙ g > 0] / max(mean(1[u ⊙ g > 0]), 1e-3)`` (C-AdamW's rule; the mean
+over the whole tensor, all-reduced under FSDP2), then stepped with the clipped ``η``; the RMS clipping, the state
+and the weight decay are not masked (:mod:`lightning_optim.optim._cautious`).
+
 Defaults: lr 1e-3 and weight decay 0.1 (the package's 124M AdamW settings), betas (0.9, 0.99) (the paper
 recommends a lower β2 than 0.999 for stability; 0.99 is also pytorch-optimizer's default), eps 1e-6 (the
 paper's runs). Reference: the paper's algorithm box; torch-optimi's ``StableAdamW`` (same defaults) and
@@ -29,6 +34,7 @@ from typing import Any
 
 import torch
 
+from lightning_optim.optim._cautious import cautious_, check_cautious
 from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._per_tensor import (check_betas, check_nonneg, check_positive, local, next_step,
                                                shard_sum, up, write_back)
@@ -45,10 +51,13 @@ class StableAdamW(torch.optim.Optimizer):
     """AdamW whose per-tensor step is divided by max(1, RMS(g / sqrt(v)))."""
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
-                 eps: float = 1e-6, weight_decay: float = 0.1) -> None:
+                 eps: float = 1e-6, weight_decay: float = 0.1, cautious: bool = False) -> None:
         check_nonneg(lr=lr, weight_decay=weight_decay)
         check_positive(eps=eps)
-        super().__init__(params, dict(lr=lr, betas=check_betas(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=check_betas(betas), eps=eps, weight_decay=weight_decay,
+                                      cautious=check_cautious(cautious, "StableAdamW")))
+        for i, group in enumerate(self.param_groups):
+            group["cautious"] = check_cautious(group["cautious"], f"StableAdamW param_groups[{i}]")
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -74,7 +83,10 @@ class StableAdamW(torch.optim.Optimizer):
                 step_lr = lr / rms.clamp_min(1.0)
                 if wd != 0:
                     x.mul_(1.0 - step_lr * wd)
-                x.sub_(m / v.sqrt().add_(eps) * step_lr)
+                u = m / v.sqrt().add_(eps)
+                if group.get("cautious"):
+                    cautious_([u], [g], [p])
+                x.sub_(u * step_lr)
                 write_back(m_store, m)
                 write_back(v_store, v)
                 write_back(x_store, x)
