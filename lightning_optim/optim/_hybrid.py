@@ -30,6 +30,15 @@ as one ``E × m·n`` matrix, not E matrices — split them into separate paramet
 (fewer than two dimensions in a matrix group, complex, empty, DTensors on 2-D meshes or with placements other
 than ``Shard(0)``/``Replicate``) raise ``ValueError`` naming the parameter when the optimizer is built.
 
+``cautious=True`` (Muon, D-Muon, NorMuon; Liang et al. 2024, arXiv 2411.16085; the rule in
+:mod:`lightning_optim.optim._cautious`): every update this object applies is masked where it disagrees with the
+gradient and rescaled by the mask's mean — the matrix rule's final update (C-Muon: the orthogonalised update
+against ``p.grad``; the subclass applies it) and the internal AdamW's first moment (C-AdamW; there the eager
+:func:`~lightning_optim.optim.torch_builtin.adam_foreach_` replaces torch's fused kernel). The official C-Muon code
+leaves its AdamW part unmasked (commented out "for ablation purposes"); one switch for the whole object is what a
+user reading ``cautious=True`` expects, and the AdamW part is then exactly C-AdamW. Weight decay is never masked.
+FSDP2 shards get the mask's mean over the whole matrix (an all-reduce of the counts).
+
 ``state_dtype="bfloat16"`` (Muon, D-Muon, NorMuon) keeps the matrices' ``momentum_buffer`` in bfloat16: the
 EMA is computed in float32 and written back with stochastic rounding (``lightning_optim.optim._low_precision``;
 the seed mixes the group's ``sr_step`` count, saved in the state dict, so resumed runs round identically).
@@ -46,11 +55,12 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as _adamw_functional
 
+from lightning_optim.optim._cautious import check_cautious
 from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._low_precision import check_state_dtype, mix_seed, sr_copy_, state_torch_dtype, up
 from lightning_optim.optim._matrix_dist import DTensor, MatrixMeta, local, matrix_meta, orthogonalize
 from lightning_optim.optim.newton_schulz import newton_schulz, resolve_coefficients
-from lightning_optim.optim.torch_builtin import fused_supported
+from lightning_optim.optim.torch_builtin import adam_foreach_, fused_supported
 from lightning_optim.param_groups import split_by_shape
 
 __all__ = ["HybridMatrixOptimizer", "ADAMW_ROUTING", "state_like_rows"]
@@ -133,6 +143,9 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
                 self.add_param_group(g)
             return
         group["matrix"] = bool(group["matrix"])
+        if "cautious" in group:
+            group["cautious"] = check_cautious(group["cautious"],
+                                               f"{type(self).__name__} param group {group.get('name', '')!r}")
         if "state_dtype" in group:
             group["state_dtype"] = check_state_dtype(group["state_dtype"], f"param group {group.get('name', '')!r} state_dtype")
         if not group["matrix"]:
@@ -322,8 +335,20 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         m = [local(self.state[p]["exp_avg"]) for p in ps]
         v = [local(self.state[p]["exp_avg_sq"]) for p in ps]
         steps = [self.state[p]["step"] for p in ps]
-        fused = fused_supported(pl)
         beta1, beta2 = group["betas"]
+        if group.get("cautious"):
+            by_step: dict[int, list[int]] = defaultdict(list)
+            for i, st in enumerate(steps):
+                by_step[int(st.item())].append(i)  # CPU step counters: no device sync
+            for t, idx in by_step.items():
+                adam_foreach_([pl[i] for i in idx], [gl[i] for i in idx], [m[i] for i in idx], [v[i] for i in idx],
+                              step=t, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                              weight_decay=group["weight_decay"], decoupled=True, cautious=True,
+                              param_objs=[ps[i] for i in idx])
+            for st in steps:
+                st += 1
+            return
+        fused = fused_supported(pl)
         _adamw_functional(pl, gl, m, v, [], steps, foreach=None if fused else True, fused=fused or None,
                           amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
                           weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

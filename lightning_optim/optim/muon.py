@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_optim.optim._cautious import cautious_, check_cautious
 from lightning_optim.optim._hybrid import HybridMatrixOptimizer
 from lightning_optim.optim._matrix_dist import MatrixMeta, local
 
@@ -75,6 +76,9 @@ class Muon(HybridMatrixOptimizer):
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part (``None``: the matrix value).
         distributed: ``None`` auto, ``False`` disables sharing Newton–Schulz work between DDP replicas.
         state_dtype: ``None`` (the parameter's dtype) or ``"bfloat16"`` for the momentum buffer.
+        cautious: C-Muon (Liang et al. 2024): the orthogonalised update ``O`` is masked where it disagrees with
+            ``p.grad`` and rescaled, ``O ⊙ φ / max(mean(φ), 1e-3)``, ``φ = 1[O ⊙ g > 0]``, before the lr scale;
+            the internal AdamW becomes C-AdamW; weight decay is not masked (see ``_hybrid``).
     """
 
     def __init__(self, params: Any, lr: float = 0.01, weight_decay: float = 0.0, momentum: float = 0.95,
@@ -82,14 +86,14 @@ class Muon(HybridMatrixOptimizer):
                  adjust_lr: str | None = "original", eps: float = 1e-7, adamw_lr: float | None = 1e-3,
                  adamw_betas: tuple[float, float] = (0.8, 0.999), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float | None = 0.1, distributed: bool | None = None,
-                 state_dtype: str | None = None) -> None:
+                 state_dtype: str | None = None, cautious: bool = False) -> None:
         if adjust_lr is not None and adjust_lr not in _ADJUST:
             raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {adjust_lr!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         ns_coefficients=ns_coefficients, adjust_lr=adjust_lr or "original", ns_eps=eps, eps=eps,
-                        state_dtype=state_dtype)
+                        state_dtype=state_dtype, cautious=check_cautious(cautious, "Muon"))
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, distributed=distributed)
 
@@ -98,6 +102,8 @@ class Muon(HybridMatrixOptimizer):
         lr, wd = group["lr"], group["weight_decay"]
         pl = [local(p) for p in ps]
         upd = self._to_param(ortho, pl)
+        if group.get("cautious"):
+            cautious_(upd, [local(p.grad) for p in ps], ps)
         if wd:
             torch._foreach_mul_(pl, 1.0 - lr * wd)
         dims = self.lr_dims(group, ps, metas)

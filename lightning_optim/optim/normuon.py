@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_optim.optim._cautious import cautious_, check_cautious
 from lightning_optim.optim._hybrid import HybridMatrixOptimizer, state_like_rows
 from lightning_optim.optim._matrix_dist import MatrixMeta, global_sq_norms, local
 
@@ -69,19 +70,22 @@ def normuon_scales(O: list[Tensor], Oh: list[Tensor], metas: list[MatrixMeta], a
 
 class NorMuon(HybridMatrixOptimizer):
     """NorMuon (see the module docstring). Arguments as :class:`~lightning_optim.optim.muon.Muon`, plus
-    ``beta2`` (row second moment), ``eps`` (added to sqrt(v)) and ``adjust_lr`` = ``"paper"`` | ``"official"``."""
+    ``beta2`` (row second moment), ``eps`` (added to sqrt(v)) and ``adjust_lr`` = ``"paper"`` | ``"official"``.
+    ``cautious=True``: the applied update ``s·Ô`` (row-normalised, scaled) is masked where it disagrees with
+    ``p.grad`` and rescaled by the mask's mean (C-Muon's rule on NorMuon's final update; ``s`` is computed from the
+    unmasked ``Ô``); the internal AdamW becomes C-AdamW (see ``_hybrid``)."""
 
     def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, beta2: float = 0.95, eps: float = 1e-10, ns_steps: int = 5,
                  ns_coefficients: Any = "jordan", adjust_lr: str = "paper", adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.8, 0.999), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float | None = None, distributed: bool | None = None,
-                 state_dtype: str | None = None) -> None:
+                 state_dtype: str | None = None, cautious: bool = False) -> None:
         if adjust_lr not in _ADJUST:
             raise ValueError(f"adjust_lr must be one of {_ADJUST}, got {adjust_lr!r}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, beta2=beta2,
                         eps=eps, ns_steps=ns_steps, ns_coefficients=ns_coefficients, adjust_lr=adjust_lr,
-                        state_dtype=state_dtype)
+                        state_dtype=state_dtype, cautious=check_cautious(cautious, "NorMuon"))
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, distributed=distributed)
 
@@ -114,6 +118,8 @@ class NorMuon(HybridMatrixOptimizer):
         Oh = [o.t() if f else o for o, f in zip(Oh, flip)]
         O = [o.t() if f else o for o, f in zip(O, flip)]
         scales = normuon_scales(O, Oh, metas, group["adjust_lr"])
+        if group.get("cautious"):  # s > 0: masking Ô is masking s·Ô; the mask's mean is over the whole matrix
+            Oh = cautious_(Oh, [local(p.grad).reshape(o.shape) for p, o in zip(ps, Oh)], ps)
         if wd:
             torch._foreach_mul_(pl, 1.0 - lr * wd)
         for x, o, s in zip(pl, Oh, scales):
