@@ -25,7 +25,9 @@ and steps them with the grafting method alone.
     if t == s, or t > s and t % f == 0:              s = start_preconditioning_step, f = precondition_frequency
         R_i ← (L_i / c2 + ε·I)^(-1/(2k))             c2 = 1-β2^t (1 with β2 = 1 or use_bias_correction off)
     M   ← β1·M + (1-β1)·G;   D = M / (1-β1^t)        (D = G when β1 = 0; no division without bias correction)
-    per block:   A_B = D_B / (sqrt(V_B / (1-βg^t)) + εg)             the grafting (Adam) direction
+    per block:   A_B = D_B / (sqrt(V_B / (1-βg^t)) + εg)             the grafting (Adam) direction, always
+                                                                     bias-corrected (use_bias_correction
+                                                                     covers M and the factors only)
                  S_B = D_B ×_1 R_1 ×_2 … ×_k R_k                     (R_1·D_B·R_2 for a matrix block)
                  P_B = A_B                                 while t < s (grafting method only)
                  P_B = ‖A_B‖_F / (‖S_B‖_F + 1e-16) · S_B    afterwards (the grafting norm rule)
@@ -277,7 +279,8 @@ class Shampoo(torch.optim.Optimizer):
         precondition_frequency: steps between root computations.
         start_preconditioning_step: the first step with Shampoo directions (and a root computation); before
             it the grafting method alone. ``None`` (or the reference's ``-1``): ``precondition_frequency``.
-        use_bias_correction: divide ``M`` by ``1-β1^t``, the factors by ``1-β2^t`` and ``V`` by ``1-βg^t``.
+        use_bias_correction: divide ``M`` by ``1-β1^t`` and the factors by ``1-β2^t``; the grafting Adam's
+            ``V`` is divided by ``1-βg^t`` either way (it is Adam; as the reference).
         grafting: ``"adam"`` (default), ``"sgd"`` or ``None`` (no grafting: the raw Shampoo direction).
         grafting_beta2, grafting_epsilon: the grafting Adam's β2 and ε.
         root_method: ``"eigh"`` (eigendecomposition, default) or ``"newton"`` (coupled Newton iteration).
@@ -387,7 +390,7 @@ class Shampoo(torch.optim.Optimizer):
             if bg < 1.0:
                 v.mul_(bg)
             v.addcmul_(g, g, value=1.0 - bg if bg < 1.0 else 1.0)
-            cg = 1.0 - bg**t if (correct and bg < 1.0) else 1.0
+            cg = 1.0 - bg**t if bg < 1.0 else 1.0  # Adam grafting is always bias-corrected (as the reference)
             graft_denom = (v / cg).sqrt_().add_(group["grafting_epsilon"])
 
         # filtered gradient
