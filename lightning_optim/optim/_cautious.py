@@ -124,7 +124,8 @@ def cautious_(updates: list[Tensor], grads: Sequence[Tensor], param_objs: Sequen
     return updates
 
 
-def cautious(updates: Sequence[Tensor], grads: Sequence[Tensor], param_objs: Sequence[Any] | None = None) -> list[Tensor]:
+def cautious(updates: Sequence[Tensor], grads: Sequence[Tensor],
+             param_objs: Sequence[Any] | None = None) -> list[Tensor]:
     """As :func:`cautious_`, into new tensors (``updates`` is left as it is: use it on optimizer state, e.g.
     C-AdamW's ``m_t``)."""
     return cautious_([u.clone() for u in updates], grads, param_objs)
