@@ -10,6 +10,12 @@ Two architectures share one :class:`Transformer`:
 Both use causal ``scaled_dot_product_attention``, initialise every weight from N(0, 0.02) and scale the
 residual output projections (attention ``proj``, MLP ``down``) by ``1/sqrt(2·n_layer)`` (GPT-2).
 
+``mup_base_width`` (default ``None``: the standard parametrization above, unchanged) builds the model in muP
+(:mod:`lightning_optim.mup`): hidden matrices initialised with std ``base std / sqrt(fan_in / base_fan_in)``,
+the readout's input multiplied by ``base_width / n_embd`` (the head stays tied to the embedding: ``mup``'s
+``MuSharedReadout``), attention logits scaled ``sqrt(base_head_dim) / head_dim`` (``1/head_dim`` scaling;
+width grows with ``n_head`` fixed). At ``n_embd == mup_base_width`` the model is the standard one.
+
 Initialisation lives in each module's ``reset_parameters`` so a model built on the meta device
 (``with torch.device("meta"): build_model("720m")``) is materialised correctly by ``to_empty`` +
 ``reset_parameters`` — what Lightning's ``ModelParallelStrategy`` does after ``configure_model``.
@@ -30,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightning_optim.mup import MuPMultipliers, MuPParam
 
 __all__ = [
     "ModelConfig",
@@ -62,6 +70,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     n_kv_head: int | None = None  # grouped-query attention (Ainslie et al. 2023): key/value heads; default n_head
+    mup_base_width: int | None = None  # muP (lightning_optim.mup): the width whose hyperparameters transfer
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -75,7 +84,33 @@ class ModelConfig:
         if not (isinstance(self.n_kv_head, int) and 0 < self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0):
             raise ValueError(f"n_kv_head={self.n_kv_head!r} must be a positive divisor of n_head={self.n_head}")
         if self.mlp_hidden is None:
-            self.mlp_hidden = 4 * self.n_embd if self.arch == "gpt2" else 256 * math.ceil(8 * self.n_embd / 3 / 256)
+            self.mlp_hidden = default_mlp_hidden(self.arch, self.n_embd)
+        if self.mup_base_width is not None:
+            self._check_mup_base_width()
+
+    def _check_mup_base_width(self) -> None:
+        base = self.mup_base_width
+        if isinstance(base, bool) or not isinstance(base, int) or base <= 0:
+            raise ValueError(f"mup_base_width must be a positive integer (a width), got {base!r}")
+        if base % self.n_head:
+            raise ValueError(f"mup_base_width={base} is not divisible by n_head={self.n_head}: the base model keeps "
+                             f"n_head and needs an integer head dimension (muP scales head_dim with width)")
+        if self.arch == "llama" and (base // self.n_head) % 2:
+            raise ValueError(f"mup_base_width={base} gives the base model an odd head dimension "
+                             f"{base // self.n_head}; RoPE needs an even one")
+        if self.mlp_hidden != default_mlp_hidden(self.arch, self.n_embd) and (self.mlp_hidden * base) % self.n_embd:
+            raise ValueError(f"mlp_hidden={self.mlp_hidden} is not the default for n_embd={self.n_embd}, so the base "
+                             f"model's is mlp_hidden * mup_base_width / n_embd, which is not an integer for "
+                             f"mup_base_width={base}")
+
+    def mup_base_config(self) -> "ModelConfig":
+        """The model at ``mup_base_width`` (same depth, heads, vocabulary; the default MLP width rule, or a custom
+        ``mlp_hidden`` scaled in proportion): the shapes muP's fan-in multipliers are measured against."""
+        if self.mup_base_width is None:
+            raise ValueError("mup_base_config: this ModelConfig has no mup_base_width")
+        base = self.mup_base_width
+        custom = self.mlp_hidden != default_mlp_hidden(self.arch, self.n_embd)
+        return dataclasses.replace(self, n_embd=base, mlp_hidden=self.mlp_hidden * base // self.n_embd if custom else None)
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +120,11 @@ class ModelConfig:
     def kv_dim(self) -> int:
         """Width of the key (and of the value) projection: ``n_kv_head · head_dim`` (``n_embd`` without GQA)."""
         return self.n_kv_head * self.head_dim
+
+
+def default_mlp_hidden(arch: str, n_embd: int) -> int:
+    """The MLP width when ``mlp_hidden`` is not given: ``4d`` (gpt2) or ``256·ceil(8d/3/256)`` (llama)."""
+    return 4 * n_embd if arch == "gpt2" else 256 * math.ceil(8 * n_embd / 3 / 256)
 
 
 # (n_layer, n_embd, n_head); vocab 50304 (GPT-2's 50257 padded to a multiple of 64) for the benchmark sizes.
@@ -168,7 +208,8 @@ class Attention(nn.Module):
     ``n_kv_head < n_head`` (grouped-query attention) k and v have ``n_kv_head`` heads, each shared by
     ``n_head / n_kv_head`` query heads.
 
-    The logits are ``softmax_scale · q·kᵀ`` (``softmax_scale = 1/sqrt(head_dim)``). Code that needs the
+    The logits are ``softmax_scale · q·kᵀ`` (``softmax_scale = 1/sqrt(head_dim)``; under muP
+    ``sqrt(base_head_dim)/head_dim``). Code that needs the
     queries and keys (QK-clip's per-head maximum logit) sets ``qk_observer`` to a callable
     ``observer(module, q, k)``; it is called in every forward with ``q`` of shape ``(B, n_head, T, head_dim)``
     and ``k`` of shape ``(B, n_kv_head, T, head_dim)``, after RoPE. :meth:`qk_head_rows` says which rows of
@@ -180,9 +221,14 @@ class Attention(nn.Module):
         bias = cfg.arch == "gpt2"
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.rope, self.rope_theta = cfg.arch == "llama", cfg.rope_theta
-        self.qkv = Linear(cfg.n_embd, cfg.n_embd + 2 * cfg.kv_dim, bias=bias)
-        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=bias, std=INIT_STD / math.sqrt(2 * cfg.n_layer))
+        fan_in = _fan_in_mults(cfg)
+        self.qkv = Linear(cfg.n_embd, cfg.n_embd + 2 * cfg.kv_dim, bias=bias, std=_std(INIT_STD, fan_in["embd"]))
+        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=bias,
+                           std=_std(INIT_STD / math.sqrt(2 * cfg.n_layer), fan_in["embd"]))
         self.softmax_scale = 1.0 / math.sqrt(self.head_dim)
+        if cfg.mup_base_width is not None:  # 1/head_dim scaling, equal to 1/sqrt(head_dim) at the base width
+            self.softmax_scale = MuPMultipliers(cfg.mup_base_width, cfg.n_embd).attention_scale(
+                self.head_dim, cfg.mup_base_width // cfg.n_head)
         self.qk_observer = None
 
     def qk_head_rows(self, head: int) -> tuple[slice, slice]:
@@ -219,15 +265,31 @@ class MLP(nn.Module):
         self.swiglu = cfg.arch == "llama"
         bias = not self.swiglu
         hidden = cfg.mlp_hidden
-        self.up = Linear(cfg.n_embd, hidden, bias=bias)
+        fan_in = _fan_in_mults(cfg)
+        self.up = Linear(cfg.n_embd, hidden, bias=bias, std=_std(INIT_STD, fan_in["embd"]))
         if self.swiglu:
-            self.gate = Linear(cfg.n_embd, hidden, bias=False)
-        self.down = Linear(hidden, cfg.n_embd, bias=bias, std=INIT_STD / math.sqrt(2 * cfg.n_layer))
+            self.gate = Linear(cfg.n_embd, hidden, bias=False, std=_std(INIT_STD, fan_in["embd"]))
+        self.down = Linear(hidden, cfg.n_embd, bias=bias,
+                           std=_std(INIT_STD / math.sqrt(2 * cfg.n_layer), fan_in["mlp"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.down(F.silu(self.gate(x)) * self.up(x))
         return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+def _fan_in_mults(cfg: ModelConfig) -> dict[str, float]:
+    """``fan_in / base_fan_in`` of the matrices reading the residual stream (``embd``) and the MLP hidden layer
+    (``mlp``); 1 without muP."""
+    if cfg.mup_base_width is None:
+        return {"embd": 1.0, "mlp": 1.0}
+    base = cfg.mup_base_config()
+    return {"embd": cfg.n_embd / base.n_embd, "mlp": cfg.mlp_hidden / base.mlp_hidden}
+
+
+def _std(base_std: float, fan_in_mult: float) -> float:
+    """A hidden matrix's init std: ``base_std`` without muP (``fan_in_mult == 1``: exactly the base value)."""
+    return base_std if fan_in_mult == 1.0 else base_std * MuPMultipliers.hidden_std_factor(fan_in_mult)
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -264,6 +326,9 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        #: muP's readout multiplier 1/m on the head's input (None: standard parametrization, no multiply at all)
+        self.readout_multiplier = (None if cfg.mup_base_width is None
+                                   else MuPMultipliers(cfg.mup_base_width, cfg.n_embd).readout_multiplier)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
@@ -274,7 +339,34 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(torch.arange(T, device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if self.readout_multiplier is not None:
+            x = x * self.readout_multiplier
+        return self.lm_head(x)
+
+    def mup_params(self) -> list[tuple[nn.Parameter, MuPParam]]:
+        """Every parameter once (a tied weight once) with its muP role and the base model's shape (built on the
+        meta device from :meth:`ModelConfig.mup_base_config`): the token/position tables and a tied head are
+        ``embedding``, an untied head ``readout``, 1-D tensors ``vector``, every other matrix ``hidden``."""
+        cfg = self.config
+        if cfg.mup_base_width is None:
+            raise ValueError("mup_params: the model was built without mup_base_width")
+        with torch.device("meta"):
+            base = Transformer(cfg.mup_base_config())
+        base_shapes = {name: tuple(p.shape) for name, p in base.named_parameters()}
+        embeddings = {id(self.tok_emb.weight)} | ({id(self.pos_emb.weight)} if self.pos_emb is not None else set())
+        out = []
+        for name, p in self.named_parameters():
+            if id(p) in embeddings:
+                role = "embedding"
+            elif p is self.lm_head.weight:
+                role = "readout"
+            elif p.ndim < 2:
+                role = "vector"
+            else:
+                role = "hidden"
+            out.append((p, MuPParam(name=name, role=role, shape=tuple(p.shape), base_shape=base_shapes[name])))
+        return out
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         return count_parameters(self, non_embedding=non_embedding)
