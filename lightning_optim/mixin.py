@@ -42,6 +42,7 @@ import torch
 import yaml
 
 from lightning_optim.class_paths import import_object
+from lightning_optim.mup import find_mup_model, mup_param_groups, optimizer_rule
 from lightning_optim.param_groups import GroupingRules, param_groups
 from lightning_optim.validation import check_value
 from lightning_optim.registry import (
@@ -81,6 +82,11 @@ class OptimConfig:
             one set for a schedule that does not take it is refused.
         decay_embeddings, decay_norms, decay_biases, no_decay_patterns, other_patterns, lr_scales:
             the grouping rules (see :mod:`lightning_optim.param_groups`).
+        mup_base_width: muP (:mod:`lightning_optim.mup`): the width whose hyperparameters (``lr`` ...) were
+            tuned. The groups get muP's per-layer lr multipliers (``lr_multiplier``; Adam rule: hidden matrices
+            ``lr / m_in``; Muon: its own shape factor) and the model must be built with the same base width
+            (``LanguageModel`` does it from this field: init, readout multiplier, attention ``1/head_dim``).
+            Refused for optimizers where muP is not defined here (:func:`lightning_optim.mup.optimizer_rule`).
     """
 
     name: str = "adamw"
@@ -105,6 +111,7 @@ class OptimConfig:
     no_decay_patterns: list[str] = field(default_factory=list)
     other_patterns: list[str] = field(default_factory=list)
     lr_scales: dict[str, float] = field(default_factory=dict)
+    mup_base_width: int | None = None
 
     def __post_init__(self) -> None:
         if self.betas is not None:
@@ -154,6 +161,14 @@ class OptimConfig:
         sched.schedule_cls(total_steps=self.total_steps, warmup_steps=self.warmup_steps, **{**sched.defaults, **kwargs})
         for k, v in self.lr_scales.items():
             check_value("lr_scale", v, label=f"OptimConfig.lr_scales[{k!r}]")
+        if self.mup_base_width is not None:
+            base = self.mup_base_width
+            if isinstance(base, bool) or not isinstance(base, int) or base <= 0:
+                raise ValueError(f"OptimConfig.mup_base_width must be a positive integer (a width), got {base!r}")
+            if spec.family == "external":
+                raise ValueError(f"OptimConfig.mup_base_width: muP is not defined for the class path {self.name!r}; "
+                                 "use a registry optimizer with a muP rule")
+            optimizer_rule(spec.name, {**spec.defaults, **self.optimizer_kwargs()})  # refuses, naming the rules
         if spec.schedule_free and sched.name != "constant":
             warnings.warn(
                 f"optimizer {spec.name!r} is schedule-free (it averages its iterates instead of decaying the lr) but "
@@ -251,6 +266,13 @@ class OptimizerMixin:
         ``None``. Override to provide them; the default provides none."""
         return {}
 
+    def _check_mup_model(self, base_width: int) -> None:
+        built = getattr(find_mup_model(self).config, "mup_base_width", None)
+        if built != base_width:
+            raise ValueError(f"OptimConfig.mup_base_width={base_width} but the model was built with "
+                             f"mup_base_width={built}: build it with the same base width (LanguageModel takes it "
+                             "from its optim config)")
+
     def _optim_horizon(self, config: OptimConfig) -> int | None:
         if config.total_steps is not None:
             return config.total_steps
@@ -264,6 +286,9 @@ class OptimizerMixin:
         spec = self.optim_spec()
         groups = self.optimizer_param_groups(config, split_matrices=spec.hybrid)
         hyperparameters = config.optimizer_kwargs()
+        if config.mup_base_width is not None:
+            self._check_mup_model(config.mup_base_width)
+            groups = mup_param_groups(self, groups, spec.name, {**spec.defaults, **hyperparameters})
         horizon = self._optim_horizon(config)
         for name, value in self.model_hyperparameters().items():  # e.g. Adam-mini's n_heads from the model
             if name in spec.defaults and hyperparameters.get(name, spec.defaults.get(name)) is None:

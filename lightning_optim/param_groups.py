@@ -43,10 +43,12 @@ import re
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
+
+from lightning_optim.mup import lr_multiplier, mup_params
 
 __all__ = ["GroupingRules", "ParamRole", "classify_parameters", "param_groups", "routing_table", "split_by_shape",
            "is_hf_conv1d", "PLAIN_LIST_WARNING"]
@@ -86,6 +88,7 @@ class ParamRole:
     matrix: bool
     reason: str
     transposed: bool = False  # stored (in, out), as Hugging Face Conv1D; the matrix rule uses the (out, in) view
+    lr_multiplier: float | None = None  # muP's lr multiplier (routing_table with an optimizer, on a muP model)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -222,11 +225,25 @@ def param_groups(
     return [buckets[k] for k in order if k in buckets]
 
 
-def routing_table(module: nn.Module, split_matrices: bool = True, rules: GroupingRules | None = None) -> list[ParamRole]:
-    """One :class:`ParamRole` per trainable parameter: where the default rules send it."""
-    return [role for _, role in classify_parameters(module, rules)] if split_matrices else [
-        ParamRole(r.name, r.shape, r.decay, False, r.reason, r.transposed) for _, r in classify_parameters(module, rules)
-    ]
+def routing_table(module: nn.Module, split_matrices: bool = True, rules: GroupingRules | None = None,
+                  optimizer: str | None = None, hyperparameters: dict[str, Any] | None = None) -> list[ParamRole]:
+    """One :class:`ParamRole` per trainable parameter: where the default rules send it.
+
+    With ``optimizer`` (a registry name; ``hyperparameters`` its settings, e.g. Muon's ``adjust_lr``) and a model
+    built with ``mup_base_width``, each row also carries muP's ``lr_multiplier`` under that optimizer's rule
+    (:func:`lightning_optim.mup.lr_multiplier`).
+    """
+    classified = classify_parameters(module, rules)
+    mults: dict[int, float] = {}
+    if optimizer is not None:
+        infos = mup_params(module)
+        mults = {id(p): lr_multiplier(infos[id(p)], optimizer, hyperparameters) for p, _ in classified}
+    rows = []
+    for p, r in classified:
+        if not split_matrices:
+            r = ParamRole(r.name, r.shape, r.decay, False, r.reason, r.transposed)
+        rows.append(replace(r, lr_multiplier=mults[id(p)]) if id(p) in mults else r)
+    return rows
 
 
 def _shape_summary(shapes: list[tuple[int, ...]]) -> str:

@@ -48,6 +48,10 @@ class LanguageModel(OptimizerMixin, L.LightningModule):
         block_size: maximum sequence length (the recipes link it from ``data.seq_len``).
         n_layer, n_embd, n_head, mlp_hidden: override the preset's shape.
         compile: ``torch.compile`` each block in place (parameter names are unchanged).
+
+    muP: ``optim.mup_base_width`` (``--optim.mup_base_width 64`` on a recipe) builds the model in muP for that
+    base width (:mod:`lightning_optim.mup`) and gives the optimizer's groups muP's lr multipliers; one setting
+    for both, so they cannot disagree.
     """
 
     def __init__(
@@ -69,7 +73,7 @@ class LanguageModel(OptimizerMixin, L.LightningModule):
         self.save_hyperparameters(ignore=["optim"])
         self.record_run_settings({"optim": optim_cfg})  # itself: a safe global for weights_only loads
         cfg = model_config(preset, arch, block_size=block_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                           mlp_hidden=mlp_hidden, vocab_size=vocab_size)
+                           mlp_hidden=mlp_hidden, vocab_size=vocab_size, mup_base_width=optim_cfg.mup_base_width)
         if cfg.vocab_size is None:
             if tokenizer_vocab_size is None:
                 raise ValueError(f"preset {preset!r} takes its vocabulary from the tokenizer: pass vocab_size or "
