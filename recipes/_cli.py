@@ -11,7 +11,7 @@ defaults. Everything is a flag or a YAML key::
     python recipes/gpt124m.py --print_config                            # the whole configuration
 
 Groups: ``--model.*`` (LanguageModel), ``--data.*`` (TokenDataModule), ``--optim.*`` (OptimConfig: name, lr,
-betas, eps, weight_decay, momentum, nesterov, extra, scheduler, warmup_steps ...), ``--trainer.*``,
+betas, eps, weight_decay, momentum, nesterov, extra, scheduler, warmup_steps, mup_base_width ...), ``--trainer.*``,
 ``--checkpoint.*`` (ModelCheckpoint: every 500 steps, keep the last 3, plus ``last.ckpt``),
 ``--nonfinite.*`` / ``--spike.*`` / ``--clipping.*`` / ``--norms.*`` (the stability callbacks, on by default;
 ``--<group>.enabled false`` switches one off), ``--lr_monitor.*``, ``--throughput.*`` (tokens/s and MFU),
@@ -311,6 +311,8 @@ def describe_run(geometry: dict[str, Any], optim: OptimConfig) -> str:
     hp = {k: getattr(optim, k) for k in TORCH_FIELDS if getattr(optim, k) is not None}
     hp.update(optim.extra)
     settings = ", ".join(f"{k}={v}" for k, v in hp.items())
+    mup = ([f"  muP                     base width {optim.mup_base_width} (lr multipliers per layer: "
+            "lightning_optim.routing_table(model, optimizer=...))"] if optim.mup_base_width is not None else [])
     return "\n".join([
         "run:",
         f"  devices                 {g['devices']}",
@@ -321,6 +323,7 @@ def describe_run(geometry: dict[str, Any], optim: OptimConfig) -> str:
         f"  planned                 {planned}",
         f"  optimizer               {optim.name} ({settings})",
         f"  schedule                {optim.scheduler}, warmup {optim.warmup_steps} steps",
+        *mup,
     ])
 
 
