@@ -14,6 +14,7 @@ _EXPORTS = {
     "ZLoss": "lightning_optim.callbacks.z_loss",
     "LayerNormMonitor": "lightning_optim.callbacks.layer_norms",
     "TokenThroughput": "lightning_optim.callbacks.throughput",
+    "QKClip": "lightning_optim.callbacks.qk_clip",
     "TrainingUnstableError": "lightning_optim.callbacks._decisions",
 }
 
