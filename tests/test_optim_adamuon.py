@@ -66,15 +66,24 @@ def ns_box(X: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return (X.T if tall else X).double()
 
 
-def adamuon_box(lr, wd, mu, beta2, eps, sign=True, nesterov=True, adamw=(1e-3, (0.9, 0.95), 1e-8, 0.0)):
+def caution(u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Liang et al. 2024 (arXiv 2411.16085): mask where update and gradient disagree, rescale by the mask's mean."""
+    phi = (u * g > 0).double()
+    return u * phi / max(phi.mean().item(), 1e-3)
+
+
+def adamuon_box(lr, wd, mu, beta2, eps, sign=True, nesterov=True, adamw=(1e-3, (0.9, 0.95), 1e-8, 0.0),
+                cautious=False):
     a_lr, (b1, b2), a_eps, a_wd = adamw
+    careful = caution if cautious else (lambda u, g: u)
 
     def update(i, x, g, s, t):
         if x.ndim < 2:  # the internal AdamW (torch's, decoupled decay, bias-corrected)
             s["m"] = b1 * s.get("m", torch.zeros_like(g)) + (1 - b1) * g
             s["v"] = b2 * s.get("v", torch.zeros_like(g)) + (1 - b2) * g * g
             x = x * (1 - a_lr * a_wd)
-            return x - a_lr * (s["m"] / (1 - b1 ** t)) / ((s["v"] / (1 - b2 ** t)).sqrt() + a_eps)
+            u = (s["m"] / (1 - b1 ** t)) / ((s["v"] / (1 - b2 ** t)).sqrt() + a_eps)
+            return x - a_lr * careful(u, g)
         G = g.reshape(g.shape[0], -1)
         s["M"] = mu * s.get("M", torch.zeros_like(G)) + (1 - mu) * G
         U = (1 - mu) * G + mu * s["M"] if nesterov else s["M"]
@@ -82,7 +91,7 @@ def adamuon_box(lr, wd, mu, beta2, eps, sign=True, nesterov=True, adamw=(1e-3, (
         s["V"] = beta2 * s.get("V", torch.zeros_like(O)) + (1 - beta2) * O * O
         O_hat = O / (s["V"].sqrt() + eps)
         m, n = O.shape
-        step = 0.2 * math.sqrt(m * n) / O_hat.norm() * O_hat
+        step = careful(0.2 * math.sqrt(m * n) / O_hat.norm() * O_hat, G)
         return x * (1 - lr * wd) - lr * step.reshape(x.shape)
     return update
 
@@ -97,19 +106,22 @@ def run_box(update, steps: int = STEPS) -> list[torch.Tensor]:
     return trajectory.run_reference(update, start_weights(), steps)
 
 
-@pytest.mark.parametrize("sign,nesterov", [(True, True), (False, True), (True, False)])
-def test_matches_the_algorithm_box(sign, nesterov):
-    got = run_adamuon(lr=0.02, weight_decay=0.1, momentum=0.9, beta2=0.9, eps=1e-8, sign=sign, nesterov=nesterov)
-    want = run_box(adamuon_box(0.02, 0.1, 0.9, 0.9, 1e-8, sign=sign, nesterov=nesterov))
+@pytest.mark.parametrize("sign,nesterov,cautious", [(True, True, False), (False, True, False), (True, False, False),
+                                                    (True, True, True)])
+def test_matches_the_algorithm_box(sign, nesterov, cautious):
+    got = run_adamuon(lr=0.02, weight_decay=0.1, momentum=0.9, beta2=0.9, eps=1e-8, sign=sign, nesterov=nesterov,
+                      cautious=cautious)
+    want = run_box(adamuon_box(0.02, 0.1, 0.9, 0.9, 1e-8, sign=sign, nesterov=nesterov, cautious=cautious))
     assert max_diff(got, want) < 2e-5  # measured 2.0e-6 .. 2.7e-6 (float32 state vs float64)
     assert max_diff(got, start_weights()) > 0.2  # it moved
 
 
 def test_the_options_change_the_trajectory():
-    """The box with the other sign / beta2 setting is far away: the comparison above can fail."""
+    """The box with the other sign / beta2 / cautious setting is far away: the comparison above can fail."""
     got = run_adamuon(lr=0.02, weight_decay=0.1, momentum=0.9, beta2=0.9, sign=True)
     assert max_diff(got, run_box(adamuon_box(0.02, 0.1, 0.9, 0.9, 1e-8, sign=False))) > 1e-2
     assert max_diff(got, run_box(adamuon_box(0.02, 0.1, 0.9, 0.99, 1e-8, sign=True))) > 1e-2
+    assert max_diff(got, run_box(adamuon_box(0.02, 0.1, 0.9, 0.9, 1e-8, sign=True, cautious=True))) > 1e-2
 
 
 def test_update_rms_is_point_two_lr():
@@ -171,6 +183,7 @@ def test_registry_record():
     assert spec.hybrid and spec.family == "matrix" and spec.supports_dtensor
     assert spec.defaults["lr"] == 6e-4 and spec.defaults["beta2"] == spec.defaults["momentum"] == 0.95
     assert spec.defaults["sign"] is True and spec.defaults["adamw_betas"] == (0.9, 0.95)
+    assert spec.defaults["cautious"] is False
     assert spec.state.numel((8, 4)) == 2 * 32 and spec.other_state.numel((5,)) == 10
     assert "2507.11005" in spec.paper
 
@@ -182,6 +195,7 @@ def test_registry_record():
     ({"eps": 0.0}, "eps"),
     ({"eps": float("nan")}, "eps"),
     ({"sign": "yes"}, "sign"),
+    ({"cautious": "true"}, "cautious"),
 ])
 def test_bad_hyperparameters_are_refused_naming_them(hp, match):
     with pytest.raises((ValueError, TypeError), match=match):

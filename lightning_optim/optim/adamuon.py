@@ -29,6 +29,11 @@ Jordan's coefficients. These are not a tuning from the 124M benchmark of Semenov
 
 ``state_dtype="bfloat16"`` stores the momentum buffer in bfloat16 with stochastic rounding; ``V`` keeps the
 parameter's dtype (its EMA is computed in float32), as does the internal AdamW's state.
+
+``cautious=True`` (Liang et al. 2024, arXiv 2411.16085; :mod:`lightning_optim.optim._cautious`): the applied
+update ``γ·Ô`` is masked where it disagrees with the gradient and rescaled by the mask's mean over the whole
+matrix (C-Muon's rule on AdaMuon's final update; ``γ = 0.2·sqrt(mn)/‖Ô‖_F`` is computed from the unmasked
+``Ô``), weight decay unmasked; the internal AdamW becomes C-AdamW, as for the rest of the Muon family.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_optim.optim._cautious import cautious_, check_cautious
 from lightning_optim.optim._hybrid import HybridMatrixOptimizer
 from lightning_optim.optim._matrix_dist import MatrixMeta, global_sq_norms, local
 
@@ -74,6 +80,7 @@ class AdaMuon(HybridMatrixOptimizer):
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part (``None``: the matrix value).
         distributed: ``None`` auto, ``False`` disables sharing Newton–Schulz work between DDP replicas.
         state_dtype: ``None`` (the parameter's dtype) or ``"bfloat16"`` for the momentum buffer.
+        cautious: mask the update where it disagrees with the gradient (C-AdaMuon; C-AdamW for the rest).
     """
 
     def __init__(self, params: Any, lr: float = 6e-4, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -81,7 +88,7 @@ class AdaMuon(HybridMatrixOptimizer):
                  ns_steps: int = 5, ns_coefficients: Any = "jordan", adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float | None = None, distributed: bool | None = None,
-                 state_dtype: str | None = None) -> None:
+                 state_dtype: str | None = None, cautious: bool = False) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"AdaMuon: momentum must be in [0, 1), got {momentum!r}")
         if not 0.0 <= beta2 < 1.0:
@@ -92,7 +99,7 @@ class AdaMuon(HybridMatrixOptimizer):
             raise ValueError(f"AdaMuon: sign must be True or False, got {sign!r}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, beta2=beta2,
                         eps=eps, sign=sign, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-                        state_dtype=state_dtype)
+                        state_dtype=state_dtype, cautious=check_cautious(cautious, "AdaMuon"))
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, distributed=distributed)
 
@@ -113,6 +120,8 @@ class AdaMuon(HybridMatrixOptimizer):
         Oh = adamuon_direction(O, v, group["beta2"], group["eps"])
         sq = global_sq_norms(Oh, metas)
         scales = [0.2 * math.sqrt(m.rows * m.cols) / s.sqrt().clamp_min(1e-30) for s, m in zip(sq, metas)]
+        if group.get("cautious"):  # γ > 0: masking Ô is masking γ·Ô; the mask's mean is over the whole matrix
+            Oh = cautious_(Oh, [local(p.grad).reshape(o.shape) for p, o in zip(ps, Oh)], ps)
         if wd:
             torch._foreach_mul_(pl, 1.0 - lr * wd)
         for x, o, s in zip(pl, Oh, scales):
