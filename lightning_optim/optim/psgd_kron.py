@@ -57,15 +57,19 @@ Where this differs from kron_torch 0.3.3: (1) kron_torch adds the damping term `
 debiased momentum in place, so its parameter update carries the probe noise too; here the noise enters only
 the preconditioner fit and the update is ``P·m̂`` itself, as in psgd_torch (``G + damping*V`` is a new tensor
 there). (2) kron_torch applies weight decay to tensors with ≥ 2 dimensions only; here every tensor of a group
-with ``weight_decay`` > 0 (the default grouping already gives biases and norms 0). (3) Its update counter,
-schedule step and balancing draws live outside ``state_dict`` (a resumed run restarts the schedule); here they
-are saved. (4) Its preconditioner is float32 for float64 parameters; here the state (momentum and factors) is
-float32 for bf16/fp16 parameters and the parameter's dtype otherwise, and it is put back in that dtype on
-``load_state_dict`` (torch would cast it to the parameter's).
+with ``weight_decay`` > 0 (the default grouping already gives biases and norms 0). (3) Its update counter
+and schedule step live outside ``state_dict`` (a resumed run restarts the schedule) and it rebalances on a
+random 1% of updates from an unsaved ``random.Random(42)``; here the counters are saved and rebalancing is
+every ``BALANCE_EVERY`` updates. (4) Its preconditioner is float32 (also for float64 parameters) and its
+momentum the parameter's dtype (bf16 for bf16 parameters); here both are float32 for bf16/fp16 parameters and
+the parameter's dtype otherwise, and they are put back in that dtype on ``load_state_dict`` (torch would cast
+them to the parameter's).
 
 State per parameter (tensors only: ``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint``
-work): ``step`` (0-d), ``momentum_buffer`` (the work shape: P elements) and ``Q{i}`` per work dimension (d_i²
-for a triangular factor, d_i for a diagonal one). :func:`factor_numel` counts them for the memory estimator.
+work): ``step`` and ``precond_updates`` (0-d CPU counters), ``momentum_buffer`` (the work shape: P elements)
+and ``Q{i}`` per work dimension (d_i² for a triangular factor, d_i for a diagonal one); per group,
+``prob_step`` and ``update_counter`` (plain integers in ``param_groups``). :func:`factor_numel` counts the
+factors for the memory estimator.
 FSDP2 ``DTensor`` parameters: the gradient is gathered once per step (``full_tensor``, one all-gather per
 parameter), every rank keeps the full (replicated) state and computes the full update, of which it applies its
 own shard — identical on every rank, but the state is not sharded and the work is not split (as SOAP).
