@@ -45,15 +45,14 @@ Choices, checked against microsoft/dion (``dion/dion_reference.py``, ``dion/dion
 rank computes the same step with no communication (the Dion step is three rank-``r`` products, cheap next to
 Newton–Schulz, so it is not split between ranks). FSDP2 (``Shard(0)`` on a 1-D mesh) and HSDP
 (``(Replicate(), Shard(0))``): ``M`` is row-sharded like the parameter, ``Q`` (``n × r``) is replicated.
-``P = B·Q`` needs no communication (each rank its rows); ``S·P``, ``P₁ᵀP₁`` and ``R = Bᵀ·P`` are sums over the
-row shards; everything else is local. Per step and shard group, for all its sharded matrices together (packed,
-one collective each, float32)::
+``P = B·Q`` needs no communication (each rank its rows); ``S·P``, ``P₁ᵀP₁`` and ``Y = Bᵀ·P₁`` are sums over
+the row shards, and ``R = Bᵀ·P = Y·R₂⁻¹`` follows locally; everything else is local. Per step and shard group,
+for all its sharded matrices together (packed, one collective each, float32)::
 
-    all_reduce  Σ k_i·r_i   (the sketches S·P)      ×power_iters
-    all_reduce  Σ r_i²      (the Gram matrices)     ×power_iters
-    all_reduce  Σ n_i·r_i   (R = Bᵀ·P)              ×power_iters
+    all_reduce  Σ k_i·r_i          (the sketches S·P)                    ×power_iters
+    all_reduce  Σ (r_i + n_i)·r_i  (the Gram matrices and Y = Bᵀ·P₁)     ×power_iters
 
-so 3 all-reduces per step (``power_iters = 1``), whatever the number of matrices, carrying
+so 2 all-reduces per step (``power_iters = 1``), whatever the number of matrices, carrying
 ``Σ (1.25·r_i + r_i + n_i)·r_i`` elements; no full matrix is ever assembled on a rank. Under HSDP they run in
 the shard group; the replicas hold the same rows and compute the same step (FSDP2 has already averaged the
 gradients across them). The payload does not shrink with the number of ranks: at full rank it is about
@@ -203,13 +202,20 @@ def _householder(P: Tensor) -> tuple[Tensor, Tensor]:
     return Qf * sign * live.to(P.dtype), live
 
 
-def _orthonormalize(works: list[_Work]) -> None:
-    """``w.P ← orth(w.P)`` and ``w.live`` for every matrix; the randomised Cholesky QR's two sums over row
-    shards run as two packed all-reduces for all sharded matrices."""
+def _power_step(works: list[_Work]) -> None:
+    """One power-iteration step for every matrix: ``w.P ← orth(w.B·w.Q)``, ``w.R ← w.Bᵀ·w.P`` and ``w.live``.
+
+    ``"qr"``: Householder on the whole ``P``, then ``R`` (plain tensors: nothing to sum). ``"rcqr"``: the
+    sketch ``S·P`` is summed over the row shards (all-reduce 1); then ``P₁ᵀP₁`` and ``Y = Bᵀ·P₁`` travel together
+    (all-reduce 2), and with ``R₂ = chol(P₁ᵀP₁)``: ``P = P₁·R₂⁻¹`` and ``R = Bᵀ·P = Y·R₂⁻¹``, so ``R`` needs no
+    collective of its own. Both all-reduces are packed over all sharded matrices of a shard group."""
+    for w in works:
+        w.P = w.B @ w.Q
     rc = [w for w in works if w.group["qr_method"] == "rcqr"]
     for w in works:
         if w.group["qr_method"] == "qr":
             w.P, w.live = _householder(w.P)
+            w.R = w.B.T @ w.P
     if not rc:
         return
     sketched = []
@@ -225,11 +231,14 @@ def _orthonormalize(works: list[_Work]) -> None:
         R1 = torch.linalg.qr(SP, mode="r").R
         R1, _, w.live = _positive_diagonal(R1)
         w.P = _solve_right(R1, w.live, w.P)
-    grams = _all_reduce_sum([w.P.T @ w.P for w in rc], rc)
-    for w, Gm in zip(rc, grams):
+    summed = _all_reduce_sum([torch.cat([w.P.T @ w.P, w.B.T @ w.P]) for w in rc], rc)
+    for w, GY in zip(rc, summed):
+        r = w.P.shape[1]
+        Gm, Y = GY[:r], GY[r:]
         dead = (~w.live).to(Gm.dtype)
         R2, _ = torch.linalg.cholesky_ex(Gm + torch.diag(dead), upper=True)
         w.P = _solve_right(R2, w.live, w.P)
+        w.R = _solve_right(R2, w.live, Y)
 
 
 class Dion(HybridMatrixOptimizer):
@@ -338,11 +347,7 @@ class Dion(HybridMatrixOptimizer):
             for w in active:
                 if it:
                     w.Q, w.seed = w.R, mix_seed(w.seed, it)
-                w.P = w.B @ w.Q
-            _orthonormalize(active)
-            R = _all_reduce_sum([w.B.T @ w.P for w in active], active)
-            for w, r in zip(active, R):
-                w.R = r
+            _power_step(active)
         for w in works:
             self._finish(w)
 

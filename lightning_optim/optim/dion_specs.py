@@ -35,8 +35,8 @@ SPECS: tuple[OptimizerSpec, ...] = (
         paper="Ahn, Xu et al. 2025, Dion: Distributed Orthonormalized Updates (arXiv 2504.05295), Algorithm 1",
         reference="https://github.com/microsoft/dion (dion/dion_reference.py, dion/dion.py)",
         description="rank-r orthonormal update from one power-iteration step on an error-feedback buffer "
-        "(P = orth(B·Q), Q ← colnorm(Bᵀ·P)); row-sharded under FSDP2/HSDP with three all-reduces per step",
+        "(P = orth(B·Q), Q ← colnorm(Bᵀ·P)); row-sharded under FSDP2/HSDP with two all-reduces per step",
         dtensor_note="FSDP2 Shard(0) and HSDP (Replicate, Shard(0)) row shards are stepped where they are; "
-        "sums over the shards (the QR sketch, the Gram matrix, Bᵀ·P) are three packed all-reduces per step",
+        "sums over the shards (the QR sketch; the Gram matrix with Bᵀ·P) are two packed all-reduces per step",
     ),
 )
