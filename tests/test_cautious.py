@@ -403,3 +403,55 @@ def test_recipe_runs_cautious(name, cache, in_tmp):
     opt = cli.trainer.optimizers[0]
     assert cli.trainer.global_step == 2
     assert all(g["cautious"] is True for g in opt.param_groups)
+
+
+# -- resume and low precision ---------------------------------------------------------------------------------------
+
+RESUMABLE = {
+    "lion": lambda ps: create_optimizer("lion", ps, cautious=True, lr=1e-2),
+    "adamw": lambda ps: adamw([{"params": ps}], cautious=True, lr=1e-2),
+    "muon": lambda ps: create_optimizer("muon", [{"params": [ps[0]], "matrix": True},
+                                                 {"params": [ps[1]], "matrix": False}], cautious=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_resume_is_bitwise(name, tmp_path):
+    """The mask is a function of the state and the gradient: 2k steps == k steps, save, load, k steps."""
+    make = RESUMABLE[name]
+
+    def steps(ps, opt, first, last):
+        for t in range(first, last + 1):
+            for i, p in enumerate(ps):
+                p.grad = gradient(p.detach(), t, i).float()
+            opt.step()
+
+    straight = [torch.nn.Parameter(w.float()) for w in weights()]
+    steps(straight, make(straight), 1, 10)
+    first = [torch.nn.Parameter(w.float()) for w in weights()]
+    opt = make(first)
+    steps(first, opt, 1, 5)
+    torch.save({"w": [p.detach() for p in first], "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = [torch.nn.Parameter(w.clone()) for w in ck["w"]]
+    opt2 = make(resumed)
+    opt2.load_state_dict(ck["opt"])
+    assert all(g["cautious"] is True for g in opt2.param_groups)
+    steps(resumed, opt2, 6, 10)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name, hp", [("lion", {"state_dtype": "bfloat16"}), ("adopt", {"state_dtype": "bfloat16"}),
+                                      ("muon", {}), ("lamb", {})])
+def test_bf16_parameters_train(name, hp):
+    ps = [torch.nn.Parameter(w.bfloat16()) for w in weights()]
+    opt = create_optimizer(name, [{"params": [ps[0]], "matrix": True}, {"params": [ps[1]], "matrix": False}]
+                           if name == "muon" else ps, cautious=True, lr=1e-2, **hp)
+    for t in range(1, 9):
+        for i, p in enumerate(ps):
+            p.grad = gradient(p.detach(), t, i).bfloat16()
+        opt.step()
+    for p, w in zip(ps, weights()):
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
+        assert (p.double() - w.bfloat16().double()).abs().max() > 5e-3
