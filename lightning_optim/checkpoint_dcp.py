@@ -30,13 +30,33 @@ both methods:
   all-reduce) before anything is written; a NaN or ±inf raises
   :class:`~lightning_optim.checkpoint_io.NonFiniteCheckpointError` on every rank, naming the file and the
   tensor, so ``ModelCheckpoint`` never rotates away the last finite checkpoint.
+- **shard-dependent optimizer state** (sharded saves, more than one rank): ``torch.distributed.checkpoint``
+  reshards ``DTensor`` state to any world size, but it treats a *plain* tensor in the optimizer state as
+  replicated: it writes one rank's copy and loads it whole on every rank. A plain tensor whose value depends
+  on the rank's shard (a per-row statistic of the local rows, a shard-local basis) would therefore be saved
+  from one rank only — the other ranks' values lost, and a resume in another world size wrong or refused
+  for a shape mismatch. Before anything is written, every rank fingerprints each plain tensor of its
+  optimizer state (shape, dtype and two integer sums of its raw bits, one weighted by position) and the
+  fingerprints are compared across the ranks (one ``all_gather_object``); an entry that differs, or that
+  only some ranks have, raises :class:`~lightning_optim.checkpoint.CheckpointError` on every rank naming
+  it, and the previous checkpoint is kept. ``check_replicated_state=False`` writes such state anyway (one
+  rank's copy). Cost: one read of the plain optimizer state per save (SOAP's replicated factors, step
+  counters; ``DTensor`` state is not read).
 - **load**: rank 0 verifies the folder against its manifest (or the file against its sidecar / CRC-32s)
   and every rank raises the same :class:`~lightning_optim.checkpoint.CheckpointError` naming it when that
   fails. A folder without a manifest (written by Lightning's own strategy, or a save that did not finish)
   is refused unless ``allow_unverified_folders=True``.
 
 Not covered: the staging folder and the swap need a POSIX file system shared by all ranks (the folder's
-rename is done by rank 0); remote URLs are refused by the ``CheckpointIO``.
+rename is done by rank 0); remote URLs are refused by the ``CheckpointIO``. The shard-dependent state check
+needs every rank's state, so it runs for sharded saves only (with ``save_distributed_checkpoint=False`` the
+other ranks hand Lightning an empty optimizer state); model buffers are not checked (FSDP2 leaves them
+unsharded and per-rank by design, e.g. BatchNorm statistics).
+
+**Moving a checkpoint between world sizes** (``tests/test_reshard_resume.py``): a sharded checkpoint saved
+by 2 processes (FSDP2) resumes in 1 and in 4 processes and in HSDP 2×2, and an HSDP 2×2 checkpoint in 2
+processes, with the optimizer state, gathered to full tensors, exactly as saved, for every registered matrix
+or hybrid optimizer that runs on FSDP2; the next step matches the uninterrupted run to bfloat16 precision.
 """
 
 from __future__ import annotations
@@ -78,6 +98,8 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
         data_parallel_size, tensor_parallel_size, save_distributed_checkpoint, process_group_backend, timeout:
             as for ``ModelParallelStrategy`` (spelled out so LightningCLI / YAML configs see them).
         check_finite: refuse to save weights holding NaN or ±inf (default on).
+        check_replicated_state: refuse a sharded save whose optimizer state holds a plain (non-DTensor)
+            tensor that differs between the ranks (default on; module docstring).
         require_checksum: refuse to load a single file without its ``.sha256`` sidecar.
         allow_unverified_folders: load a sharded folder that has no manifest (unverified) instead of refusing.
     """
@@ -90,6 +112,7 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         check_finite: bool = True,
+        check_replicated_state: bool = True,
         require_checksum: bool = False,
         allow_unverified_folders: bool = False,
     ) -> None:
@@ -97,6 +120,7 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
         self.check_finite = check_finite
+        self.check_replicated_state = check_replicated_state
         self.require_checksum = require_checksum
         self.allow_unverified_folders = allow_unverified_folders
 
@@ -127,6 +151,23 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
         raise NonFiniteCheckpointError(path, "", "was not written: a model weight holds NaN or inf on another rank "
                                        "(that rank's error names it); the earlier checkpoints are kept")
 
+    def _refuse_rank_dependent_state(self, checkpoint: Mapping[str, Any], path: Path) -> None:
+        """Raise on every rank when a plain tensor of the optimizer state differs between ranks (docstring)."""
+        import torch.distributed as dist
+
+        mine = plain_state_fingerprints(checkpoint)
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        problems = rank_dependent_entries(everyone)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise CheckpointError(path, (
+                f"was not written: the optimizer state holds plain (non-DTensor) tensors that differ between the "
+                f"ranks: {shown}. torch.distributed.checkpoint saves one rank's copy of a plain tensor, so that "
+                "state would be lost or wrong on resume (in any world size). Keep such state as a DTensor laid "
+                "out like its parameter, or identical on every rank; check_replicated_state=False writes it "
+                "anyway. The previous checkpoint is unchanged"))
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(self.broadcast(os.fspath(filepath)))
         if self.check_finite:
@@ -135,6 +176,8 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        if self.check_replicated_state and self.world_size > 1:
+            self._refuse_rank_dependent_state(checkpoint, path)
         token = self.broadcast(secrets.token_hex(4) if self.global_rank == 0 else None)
         staging = path.parent / f".{path.name}.{token}.staging"
         if self.global_rank == 0:
@@ -183,6 +226,76 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
             reason, missing = failure
             raise (CheckpointNotFoundError if missing else CheckpointError)(path, reason)
         return super().load_checkpoint(path, weights_only=weights_only)
+
+
+# -- shard-dependent plain state ----------------------------------------------------------------------------
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 20  # elements per pass of the fingerprint: bounds its temporary memory (8 MiB per int64 copy)
+_WEIGHTS = 8191  # positions are weighted by 1 + (index mod 8191) (a prime), so a permutation changes the sum
+
+
+def tensor_fingerprint(t: torch.Tensor) -> tuple[int, int]:
+    """Two wrapping int64 sums of ``t``'s raw bits: plain, and weighted by position (``1 + index mod 8191``).
+
+    Equal tensors have equal fingerprints; tensors that differ in any bit almost never do (a difference cancels
+    in both sums only by coincidence). The bits, not the values, are summed, so ``-0.0``/``0.0`` and NaN
+    payloads count as different, as they are to a checkpoint."""
+    flat = t.detach().reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    bits = flat.view(_BITS[flat.element_size()])
+    plain = weighted = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start in range(0, bits.numel(), _CHUNK):
+        part = bits[start:start + _CHUNK].to(torch.int64)
+        pos = torch.arange(start, start + part.numel(), device=part.device, dtype=torch.int64) % _WEIGHTS + 1
+        plain = plain + part.sum()
+        weighted = weighted + (part * pos).sum()
+    return int(plain), int(weighted)
+
+
+def plain_state_fingerprints(checkpoint: Mapping[str, Any]) -> dict[str, tuple]:
+    """``{label: (shape, dtype, fingerprint)}`` of every plain (non-DTensor) tensor in the checkpoint's
+    ``optimizer_states``; labels name the optimizer, the parameter and the state key (or the group key)."""
+    from torch.distributed.tensor import DTensor
+
+    found: dict[str, tuple] = {}
+
+    def visit(label: str, value: Any) -> None:
+        if isinstance(value, DTensor):
+            return
+        if isinstance(value, torch.Tensor):
+            found[label] = (tuple(value.shape), str(value.dtype), tensor_fingerprint(value))
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                visit(f"{label}[{key!r}]", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{label}[{i}]", item)
+
+    for i, state in enumerate(checkpoint.get("optimizer_states") or ()):
+        visit(f"optimizer_states[{i}]", state)
+    return found
+
+
+def rank_dependent_entries(per_rank: list[Mapping[str, tuple]]) -> list[str]:
+    """Labels whose fingerprint differs between the ranks' :func:`plain_state_fingerprints`, or that only some
+    ranks have, each with what differs."""
+    problems = []
+    labels = sorted(set().union(*per_rank)) if per_rank else []
+    for label in labels:
+        held = [r for r, prints in enumerate(per_rank) if label in prints]
+        if len(held) != len(per_rank):
+            problems.append(f"{label} exists on ranks {held} only")
+            continue
+        values = [per_rank[r][label] for r in held]
+        if any(v != values[0] for v in values[1:]):
+            shapes = {tuple(v[0]) for v in values}
+            detail = f"shapes {sorted(shapes)}" if len(shapes) > 1 else "values"
+            problems.append(f"{label} ({detail} differ)")
+    return problems
 
 
 def _remove_leftovers(path: Path) -> None:
