@@ -12,8 +12,9 @@ from typing import Any
 
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
-__all__ = ["DTensor", "Replicate", "Shard", "is_dtensor", "is_sharded", "local"]
+__all__ = ["DTensor", "Replicate", "Shard", "is_dtensor", "is_sharded", "local", "shard_dim", "rows_placements"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -23,7 +24,27 @@ def is_dtensor(t: Any) -> bool:
 
 def is_sharded(t: Any) -> bool:
     """``t`` is a ``DTensor`` split across ranks on at least one mesh dimension (not only replicated)."""
-    return isinstance(t, DTensor) and any(p.is_shard() for p in t.placements)
+    return isinstance(t, DTensor) and any(shard_dim(p) is not None for p in t.placements)
+
+
+def shard_dim(placement: Placement) -> int | None:
+    """The tensor dimension a placement splits: ``Shard(d)`` and ``_StridedShard(d)`` give ``d``, anything else
+    ``None``. ``_StridedShard`` is what ``fully_shard`` puts on the data-parallel mesh dimension of a parameter
+    that tensor parallelism already split along the same dimension (torch 2.13: ``(_StridedShard(dim=0, sf=2),
+    Shard(dim=0))`` for a ``ColwiseParallel`` weight on a ``(dp, tp)`` mesh); it is not a ``Shard`` subclass and
+    its ``is_shard()`` is ``False``, hence this helper."""
+    if isinstance(placement, _StridedShard):
+        return int(placement.dim)
+    if isinstance(placement, Shard):
+        return int(placement.dim)
+    return None
+
+
+def rows_placements(placements: tuple[Placement, ...]) -> tuple[Placement, ...]:
+    """Placements for a ``rows × 1`` companion of a matrix laid out with ``placements`` (a per-row state such as
+    NorMuon's second moment): row splits are kept, column splits become ``Replicate()`` (the ranks holding
+    different columns of the same rows hold the same per-row values)."""
+    return tuple(Replicate() if shard_dim(p) not in (None, 0) else p for p in placements)
 
 
 def local(t: Tensor) -> Tensor:

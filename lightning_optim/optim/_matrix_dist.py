@@ -1,29 +1,55 @@
-"""Orthogonalising many matrices once each, on one process, across DDP replicas, or across FSDP2 shards.
+"""Orthogonalising many matrices once each, on one process, across DDP replicas, FSDP2 shards or tensor parallelism.
 
 Every matrix optimizer hands :func:`orthogonalize` its momentum updates as *local* 2-D tensors (a DTensor's
-local shard, viewed ``(local_rows, cols)``) with a :class:`MatrixMeta` saying how the parameter is laid out:
+local block, viewed ``(local_rows, local_cols)``) with a :class:`MatrixMeta` saying how the parameter is laid out:
 
 ``local``       plain tensor, single process (or ``distributed=False``): batch by shape, run Newton–Schulz.
 ``replicated``  plain tensor (or a ``Replicate`` DTensor) on ``world > 1`` ranks, e.g. DDP: every rank holds the
                 same update. Each matrix gets an *owner* rank (greedy balance of Newton–Schulz flops, largest
                 first, the same on every rank); owners orthogonalise their share batched by shape, and a single
                 ``all_gather_into_tensor`` of the packed bf16 results gives every rank every result.
-``sharded``     FSDP2 ``DTensor`` with ``Shard(0)`` on a 1-D mesh: each rank holds a block of rows. One
-                ``all_to_all_single`` sends every row block to the matrix's owner, the owner assembles the full
-                matrix, orthogonalises it (batched by shape), and a second ``all_to_all_single`` sends each rank
-                its rows of the result. Each matrix is orthogonalised exactly once across the ranks, and no
-                collective runs inside the Newton–Schulz iterations.
-                HSDP (``fully_shard`` on a 2-D ``(replicate, shard)`` mesh, placements ``(Replicate(), Shard(0))``):
-                the ``R`` replicas of each row block hold the same update (FSDP2 all-reduces the gradient across
-                the replicate dimension), so the matrices are split over all ``R·S`` ranks of the job: matrix ``i``
-                gets one owner ``(r, s)``; the ranks of replica ``r`` run the two all-to-alls above for the
-                matrices replica ``r`` owns, within their shard group, and one ``all_gather_into_tensor`` over the
-                replicate group then gives every rank its rows of every result. Each matrix is still
-                orthogonalised once per step in the whole job (not once per replica), for one extra collective.
+``sharded``     a DTensor split into rectangular blocks over its *holder group* (the ranks of the mesh dimensions
+                that shard it). FSDP2 (``Shard(0)`` on a 1-D mesh) gives row blocks; tensor parallelism gives row
+                blocks (``ColwiseParallel``: ``Shard(0)``) or column blocks (``RowwiseParallel``: ``Shard(1)``);
+                FSDP2 on top of TP on a ``(dp, tp)`` mesh gives ``(Shard(0), Shard(1))`` (row × column blocks) or
+                ``(_StridedShard(0), Shard(0))`` (row blocks, dp inside each tp chunk). Each rank's block is
+                computed from the placements (torch's own ``_compute_local_shape_and_global_offset``, checked
+                against the local tensor and required to tile the matrix). One ``all_to_all_single`` over the
+                holder group sends every block to the matrix's owner, the owner assembles the whole matrix,
+                orthogonalises it (batched by shape), and a second ``all_to_all_single`` sends each rank its
+                block of the result. Each matrix is orthogonalised exactly once across the holders, and no
+                collective runs inside the Newton–Schulz iterations. A 2-D mesh whose two dimensions both shard
+                uses the holder group of the whole mesh (its process group when it spans the job, else
+                ``DeviceMesh._flatten``).
+                Replication on top (HSDP: ``fully_shard`` on a ``(replicate, shard)`` mesh, placements
+                ``(Replicate(), Shard(0))``): the ``R`` replicas of each block hold the same update (FSDP2
+                all-reduces the gradient across the replicate dimension), so the matrices are split over all
+                ``R·S`` ranks: matrix ``i`` gets one owner ``(r, s)``; the ranks of replica ``r`` run the two
+                all-to-alls for the matrices replica ``r`` owns, within their holder group, and one
+                ``all_gather_into_tensor`` over the replicate group then gives every rank its block of every
+                result. Each matrix is still orthogonalised once per step in the whole job, for one extra
+                collective.
 
 Owners are assigned by Newton–Schulz cost, longest first, to the least-loaded rank (Graham's LPT rule, within
 4/3 of the optimal makespan), the same on every rank; an owner runs all its matrices of one shape as one
 batched call.
+
+Overlap. The ``sharded`` exchange is cut into buckets of about ``BUCKET_MB`` MiB of bf16 matrices (module
+constant, default 64; matrices in the given order, a bucket closes when the next matrix would overflow it, and a
+matrix larger than a bucket is a bucket of its own). Owners are balanced within each bucket. The all-to-alls are
+issued with ``async_op=True``: bucket ``k+1``'s inbound all-to-all is already in flight while bucket ``k`` is
+orthogonalised, and bucket ``k``'s return all-to-all is in flight while bucket ``k+1`` is waited on and
+orthogonalised; every return is waited on before the results are read (``B`` buckets: ``2·B`` all-to-alls, and
+for HSDP still one all-gather). On NCCL the collectives run on the communicator's own stream, so the compute
+stream's Newton–Schulz overlaps them without a side stream; on gloo they run on the process group's worker
+threads. Newton–Schulz is per matrix, so bucketing changes which matrices share an exchange, never a result.
+:func:`recording` collects the order of issue / wait / Newton–Schulz events (tests read it).
+
+Column-sharded matrices (a placement splitting dimension 1) reach the optimizer as local column blocks, so an
+update that reads whole rows (NorMuon's per-row second moment, :func:`row_mean_sq`) or norms
+(:func:`global_sq_norms`) must complete them across the ranks; callers that do say so with
+``matrix_meta(..., column_shards=True)``, and the others get a ``ValueError`` naming the parameter and its
+placements when the optimizer is built.
 
 Payloads travel as bf16 (the kernel casts to bf16 first, so this loses nothing) reinterpreted as uint8 so
 any backend (gloo included) moves them. Results are bf16, shaped like the local input.
@@ -31,38 +57,71 @@ any backend (gloo included) moves them. Results are bf16, shaped like the local 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_optim._dtensor import DTensor, Replicate, Shard, local
+from lightning_optim._dtensor import DTensor, Replicate, local, shard_dim
 from lightning_optim.optim.newton_schulz import ns_flops
 
-__all__ = ["MatrixMeta", "matrix_meta", "orthogonalize", "global_sq_norms", "local", "CommCounter", "shard_rows",
-           "assign_owners"]
+__all__ = ["MatrixMeta", "matrix_meta", "orthogonalize", "global_sq_norms", "row_mean_sq", "local", "CommCounter",
+           "shard_rows", "assign_owners", "bucketize", "recording", "BUCKET_MB"]
+
+BUCKET_MB = 64.0
+"""Target size of one exchange bucket of the ``sharded`` layout, in MiB of bf16 full matrices."""
+
+Block = tuple[int, int, int, int]  # (row offset, rows, column offset, columns) in the global 2-D view
 
 
 @dataclass(frozen=True)
 class MatrixMeta:
-    """How one matrix parameter is laid out: global 2-D view ``rows × cols`` and the distribution kind."""
+    """How one matrix parameter is laid out: global 2-D view ``rows × cols`` and the distribution kind.
+
+    ``blocks`` (``sharded`` only): the block of each rank of ``group``, in group-rank order; ``None`` means
+    row blocks in ``torch.chunk`` layout (FSDP2 ``Shard(0)``). ``col_group``/``col_world``: the ranks holding
+    different columns of the same rows (``None``/1 unless a placement splits dimension 1)."""
 
     rows: int
     cols: int
     kind: str  # "local" | "replicated" | "sharded"
-    group: Any = None  # the process group that shares it (None: default group); "sharded": rows split over it
+    group: Any = None  # the process group that shares it (None: default group); "sharded": the holder group
     world: int = 1
     rank: int = 0
-    replicate_group: Any = None  # HSDP: the ranks that hold the same rows (None: no replication)
+    replicate_group: Any = None  # HSDP: the ranks that hold the same block (None: no replication)
     replicas: int = 1
     replica: int = 0
+    blocks: tuple[Block, ...] | None = None
+    col_group: Any = None
+    col_world: int = 1
+
+    def block(self, s: int) -> Block:
+        """The block group rank ``s`` holds (the whole matrix unless ``sharded``)."""
+        if self.kind != "sharded":
+            return (0, self.rows, 0, self.cols)
+        if self.blocks is not None:
+            return self.blocks[s]
+        sizes = shard_rows(self.rows, self.world)
+        return (sum(sizes[:s]), sizes[s], 0, self.cols)
+
+    def block_numel(self, s: int) -> int:
+        b = self.block(s)
+        return b[1] * b[3]
+
+    @property
+    def local_shape(self) -> tuple[int, int]:
+        """``(local_rows, local_cols)``: the 2-D view of this rank's local data."""
+        b = self.block(self.rank)
+        return (b[1], b[3])
 
     def shard_sizes(self) -> list[int]:
-        return shard_rows(self.rows, self.world)
+        """Rows per holder rank (row-block layouts)."""
+        return [self.block(s)[1] for s in range(self.world)]
 
     def bucket_key(self) -> tuple:
         """Matrices with equal keys are exchanged together (same kind and the same process groups)."""
@@ -79,8 +138,11 @@ def shard_rows(rows: int, world: int) -> list[int]:
     return [max(0, min(rows, (r + 1) * chunk) - r * chunk) for r in range(world)]
 
 
-def matrix_meta(p: Tensor, name: str, distributed: bool | None = None) -> MatrixMeta:
-    """The layout of parameter ``p`` (named ``name`` in errors). Raises ``ValueError`` for what cannot be handled."""
+def matrix_meta(p: Tensor, name: str, distributed: bool | None = None, *, column_shards: bool = False) -> MatrixMeta:
+    """The layout of parameter ``p`` (named ``name`` in errors). Raises ``ValueError`` for what cannot be handled.
+
+    ``column_shards``: the caller's update completes per-row quantities and norms across column blocks (see the
+    module docstring); without it a placement that splits dimension 1 is refused."""
     if p.ndim < 2:
         raise ValueError(f"parameter {name!r} with shape {tuple(p.shape)} is routed to the matrix rule but has fewer "
                          "than 2 dimensions; route it to AdamW (group 'matrix': False)")
@@ -90,61 +152,107 @@ def matrix_meta(p: Tensor, name: str, distributed: bool | None = None) -> Matrix
         raise ValueError(f"parameter {name!r} is empty (shape {tuple(p.shape)})")
     rows, cols = int(p.shape[0]), int(math.prod(p.shape[1:]))
     if isinstance(p, DTensor):
-        mesh = p.device_mesh
-        placements = tuple(p.placements)
-        if mesh.ndim == 2:
-            return _hsdp_meta(p, name, rows, cols)
-        if mesh.ndim != 1:
-            raise ValueError(
-                f"parameter {name!r} is a DTensor on a {mesh.ndim}-D device mesh {placements}; the matrix rule "
-                "handles 1-D meshes (FSDP2 Shard(0) or Replicate) and 2-D HSDP meshes (Replicate(), Shard(0)). "
-                "Route it to AdamW."
-            )
-        pl = placements[0]
-        pg = mesh.get_group()
-        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-        if isinstance(pl, Replicate):
-            return MatrixMeta(rows, cols, "replicated" if world > 1 else "local", pg, world, rank)
-        if isinstance(pl, Shard) and pl.dim == 0:
-            if world == 1:
-                return MatrixMeta(rows, cols, "local", pg, 1, 0)
-            expected = shard_rows(rows, world)[rank]
-            if p._local_tensor.shape[0] != expected:
-                raise ValueError(f"parameter {name!r}: local shard has {p._local_tensor.shape[0]} rows, expected "
-                                 f"{expected} (torch.chunk layout); uneven custom sharding is not supported")
-            return MatrixMeta(rows, cols, "sharded", pg, world, rank)
-        raise ValueError(f"parameter {name!r} is a DTensor with placement {pl!r}; the matrix rule supports Shard(0) "
-                         "(FSDP2) and Replicate, not column shards (Shard(1), e.g. RowwiseParallel "
-                         "tensor parallelism). Route it to AdamW or reshard it.")
+        return _dtensor_meta(p, name, rows, cols, column_shards)
     if distributed is not False and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return MatrixMeta(rows, cols, "replicated", None, dist.get_world_size(), dist.get_rank())
     return MatrixMeta(rows, cols, "local")
 
 
-def _hsdp_meta(p: Tensor, name: str, rows: int, cols: int) -> MatrixMeta:
-    """HSDP: one mesh dimension ``Replicate()``, the other ``Shard(0)`` (FSDP2 on a 2-D mesh)."""
+def _dtensor_meta(p: Tensor, name: str, rows: int, cols: int, column_shards: bool) -> MatrixMeta:
+    """Any mesh whose placements are ``Replicate``, ``Shard(0|1)`` or ``_StridedShard(0|1)`` (see the module
+    docstring); everything else is refused naming the parameter and its placements."""
     mesh, placements = p.device_mesh, tuple(p.placements)
-    rep = [d for d, pl in enumerate(placements) if isinstance(pl, Replicate)]
-    shd = [d for d, pl in enumerate(placements) if isinstance(pl, Shard) and pl.dim == 0]
-    if len(rep) != 1 or len(shd) != 1:
-        raise ValueError(
-            f"parameter {name!r} is a DTensor on a 2-D device mesh with placements {placements}; the matrix rule "
-            "handles HSDP, (Replicate(), Shard(0)) (fully_shard on a (replicate, shard) mesh). Tensor-parallel "
-            "shards (Shard(1), or Shard on both mesh dimensions) are not supported: route it to AdamW."
-        )
-    sg, rg = mesh.get_group(shd[0]), mesh.get_group(rep[0])
-    world, rank = dist.get_world_size(sg), dist.get_rank(sg)
-    replicas, replica = dist.get_world_size(rg), dist.get_rank(rg)
-    expected = shard_rows(rows, world)[rank]
-    if p._local_tensor.shape[0] != expected:
-        raise ValueError(f"parameter {name!r}: local shard has {p._local_tensor.shape[0]} rows, expected "
-                         f"{expected} (torch.chunk layout); uneven custom sharding is not supported")
-    if world == 1 and replicas == 1:
-        return MatrixMeta(rows, cols, "local")
-    if world == 1:  # every rank of the replicate group holds the whole matrix: DDP-like
+    where = f"parameter {name!r} is a DTensor with placements {placements} on a {mesh.ndim}-D device mesh"
+    dims = []
+    for pl in placements:
+        d = shard_dim(pl)
+        if d is None and not isinstance(pl, Replicate):
+            raise ValueError(f"{where}; the matrix rule supports Shard, _StridedShard (FSDP2 over tensor "
+                             f"parallelism) and Replicate placements, not {pl!r}. Route it to AdamW.")
+        dims.append(d)
+    if any(d is not None and d > 1 for d in dims) or (p.ndim > 2 and any(d is not None and d > 0 for d in dims)):
+        raise ValueError(f"{where}; the matrix rule views it as shape[0] x prod(shape[1:]), so only dimension 0 "
+                         "of a >2-D parameter and dimensions 0 and 1 of a matrix may be sharded. Route it to AdamW.")
+    col_dims = [i for i, d in enumerate(dims) if d == 1]
+    if col_dims and not column_shards:
+        raise ValueError(f"{where}: it is split along its columns (Shard(1), e.g. RowwiseParallel tensor "
+                         "parallelism), which this optimizer's update does not support (it reads whole local "
+                         "rows). Route it to AdamW or reshard it (Shard(0)).")
+    if len(col_dims) > 1:
+        raise ValueError(f"{where}: more than one mesh dimension splits its columns; the matrix rule supports at "
+                         "most one. Route it to AdamW.")
+    shard_mesh_dims = [i for i, d in enumerate(dims) if d is not None]
+    rep_mesh_dims = [i for i, d in enumerate(dims) if d is None]
+    rg, replicas, replica = _group_of(mesh, rep_mesh_dims, where)
+    if not shard_mesh_dims:
+        if replicas == 1:
+            return MatrixMeta(rows, cols, "local")
         return MatrixMeta(rows, cols, "replicated", rg, replicas, replica)
+    sg, world, rank = _group_of(mesh, shard_mesh_dims, where)
+    blocks = _blocks(p, mesh, placements, sg, rows, cols, where)
+    local_2d = (int(p._local_tensor.shape[0]), int(math.prod(p._local_tensor.shape[1:])))
+    if (blocks[rank][1], blocks[rank][3]) != local_2d:
+        raise ValueError(f"{where}: its local tensor is {local_2d[0]} x {local_2d[1]}, but the placements (torch.chunk "
+                         f"layout) give {blocks[rank][1]} x {blocks[rank][3]}; uneven custom sharding is not supported")
+    if world == 1:
+        if replicas == 1:
+            return MatrixMeta(rows, cols, "local")
+        return MatrixMeta(rows, cols, "replicated", rg, replicas, replica)
+    cg, cw = None, 1
+    if col_dims:
+        cg, cw, _ = _group_of(mesh, col_dims, where)
     return MatrixMeta(rows, cols, "sharded", sg, world, rank, rg if replicas > 1 else None, replicas,
-                      replica if replicas > 1 else 0)
+                      replica if replicas > 1 else 0, blocks, cg, cw)
+
+
+def _group_of(mesh: Any, mesh_dims: list[int], where: str) -> tuple[Any, int, int]:
+    """The process group spanning ``mesh_dims`` of ``mesh`` (through this rank), its size and this rank's rank."""
+    if not mesh_dims:
+        return None, 1, 0
+    if len(mesh_dims) == 1:
+        pg = mesh.get_group(mesh_dims[0])
+    elif len(mesh_dims) == mesh.ndim and mesh.size() == dist.get_world_size():
+        pg = dist.group.WORLD
+    else:
+        names = mesh.mesh_dim_names
+        if names is None:
+            raise ValueError(f"{where}: it is sharded over mesh dimensions {mesh_dims} of a mesh without dimension "
+                             "names, which cannot be flattened into one group; name the mesh dimensions "
+                             "(init_device_mesh(..., mesh_dim_names=...)).")
+        pg = mesh[tuple(names[d] for d in mesh_dims)]._flatten().get_group()
+    return pg, dist.get_world_size(pg), dist.get_rank(pg)
+
+
+def _blocks(p: Tensor, mesh: Any, placements: tuple, pg: Any, rows: int, cols: int, where: str) -> tuple[Block, ...]:
+    """Each holder's block (group-rank order), from torch's shard arithmetic; they must tile the matrix."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    grid = mesh.mesh
+    out = []
+    for g in dist.get_process_group_ranks(pg):
+        coord = [int(c) for c in (grid == g).nonzero()[0].tolist()]
+        shape, off = _compute_local_shape_and_global_offset(tuple(p.shape), tuple(mesh.shape), coord, placements)
+        nr, nc = int(shape[0]), int(math.prod(shape[1:]))
+        c0 = int(off[1]) if p.ndim == 2 else 0
+        out.append((int(off[0]) if nr else 0, nr, c0 if nc else 0, nc))
+    if not _tiles(out, rows, cols):
+        raise ValueError(f"{where}: its shards are not contiguous blocks that tile the matrix exactly once (a strided "
+                         "layout); the matrix rule cannot assemble it. Route it to AdamW.")
+    return tuple(out)
+
+
+def _tiles(blocks: Sequence[Block], rows: int, cols: int) -> bool:
+    """The non-empty blocks lie inside ``rows × cols``, do not overlap, and their areas add up to it."""
+    full = [b for b in blocks if b[1] and b[3]]
+    if any(r0 < 0 or c0 < 0 or r0 + nr > rows or c0 + nc > cols for r0, nr, c0, nc in full):
+        return False
+    if sum(nr * nc for _, nr, _, nc in full) != rows * cols:
+        return False
+    for j, (a0, an, b0, bn) in enumerate(full):
+        for c0, cn, d0, dn in full[j + 1:]:
+            if a0 < c0 + cn and c0 < a0 + an and b0 < d0 + dn and d0 < b0 + bn:
+                return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,6 +270,27 @@ class CommCounter:
         cls.collectives = defaultdict(int)
         cls.ns_calls = 0
         cls.ns_matrices = 0
+
+
+_events: list[tuple[str, int]] | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[str, int]]]:
+    """Collect the ``sharded`` exchange's events in order while the block runs: ``("issue", k)`` (bucket ``k``'s
+    inbound all-to-all issued), ``("wait", k)`` (its data arrived), ``("ns", k)`` (its Newton–Schulz done),
+    ``("issue_back", k)`` and ``("wait_back", k)`` for the return all-to-all. Off (no cost) outside the block."""
+    global _events
+    prev, _events = _events, []
+    try:
+        yield _events
+    finally:
+        _events = prev
+
+
+def _record(event: str, k: int) -> None:
+    if _events is not None:
+        _events.append((event, k))
 
 
 NSFn = Callable[[Tensor], Tensor]
@@ -199,6 +328,24 @@ def assign_owners(costs: Sequence[int], world: int) -> list[int]:
     return owner
 
 
+def bucketize(metas: Sequence[MatrixMeta], bucket_mb: float | None = None) -> list[list[int]]:
+    """Consecutive runs of matrix indices, each about ``bucket_mb`` MiB of bf16 full matrices (``BUCKET_MB``
+    when ``None``; a matrix larger than that is a bucket of its own). The same on every rank."""
+    limit = (BUCKET_MB if bucket_mb is None else bucket_mb) * 2 ** 20
+    if not limit > 0:
+        raise ValueError(f"bucket_mb must be positive, got {bucket_mb!r}")
+    buckets: list[list[int]] = []
+    size = 0.0
+    for i, m in enumerate(metas):
+        nbytes = 2 * m.rows * m.cols
+        if not buckets or size + nbytes > limit:
+            buckets.append([])
+            size = 0.0
+        buckets[-1].append(i)
+        size += nbytes
+    return buckets
+
+
 def _owners(metas: Sequence[MatrixMeta], world: int) -> list[int]:
     """Owners of the matrices by Newton–Schulz cost (:func:`assign_owners`), identical on every rank."""
     return assign_owners([ns_flops(m.rows, m.cols) for m in metas], world)
@@ -234,103 +381,156 @@ def _replicated(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> lis
     return out
 
 
-def _sharded(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn) -> list[Tensor]:
-    """Row-sharded matrices (FSDP2, or HSDP with ``replicas > 1``); see the module docstring."""
+def _sharded(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn, bucket_mb: float | None) -> list[Tensor]:
+    """Block-sharded matrices (FSDP2, TP, FSDP2 × TP, or any of them with replicas); see the module docstring."""
     m0 = metas[0]
     world, rank, replicas, replica = m0.world, m0.rank, m0.replicas, m0.replica
     device = mats[0].device
-    # one owner per matrix among all replicas x shard ranks; replica r handles the matrices it owns
-    owner_global = _owners(metas, world * replicas)
     n = len(mats)
-    handled = [[i for i in range(n) if owner_global[i] // world == r] for r in range(replicas)]
-    owner = {i: owner_global[i] % world for i in handled[replica]}
-    out = _exchange_rows([mats[i] for i in handled[replica]], [metas[i] for i in handled[replica]],
-                         [owner[i] for i in handled[replica]], ns_fn)
+    # per bucket: one owner per matrix among all replicas x holder ranks; replica r handles the matrices it owns
+    handled: list[list[int]] = [[] for _ in range(replicas)]
+    jobs = []
+    for b in bucketize(metas, bucket_mb):
+        owner_global = _owners([metas[i] for i in b], world * replicas)
+        for r in range(replicas):
+            handled[r].extend(i for i, o in zip(b, owner_global) if o // world == r)
+        mine = [(i, o % world) for i, o in zip(b, owner_global) if o // world == replica]
+        if mine:
+            jobs.append(([mats[i] for i, _ in mine], [metas[i] for i, _ in mine], [o for _, o in mine],
+                         [i for i, _ in mine]))
     result: list[Tensor] = [None] * n  # type: ignore[list-item]
-    for i, o in zip(handled[replica], out):
-        result[i] = o
+    for idx, res in zip((j[3] for j in jobs), _exchange_blocks([j[:3] for j in jobs], ns_fn)):
+        for i, o in zip(idx, res):
+            result[i] = o
     if replicas == 1:
         return result
-    # every replica holds this rank's rows of the matrices it handled: gather them across the replicas
-    local_rows = [m.shard_sizes()[rank] * m.cols for m in metas]
-    sizes = [sum(local_rows[i] for i in handled[r]) for r in range(replicas)]
+    # every replica holds this rank's block of the matrices it handled: gather them across the replicas
+    local_n = [m.block_numel(rank) for m in metas]
+    sizes = [sum(local_n[i] for i in handled[r]) for r in range(replicas)]
     width = max(sizes)
     send = torch.zeros(width, dtype=torch.bfloat16, device=device)
-    mine = [result[i].reshape(-1) for i in handled[replica] if local_rows[i]]
-    if mine:
-        torch.cat(mine, out=send[: sizes[replica]])
+    mine_flat = [result[i].reshape(-1) for i in handled[replica] if local_n[i]]
+    if mine_flat:
+        torch.cat(mine_flat, out=send[: sizes[replica]])
     recv = torch.empty(replicas * width, dtype=torch.bfloat16, device=device)
     dist.all_gather_into_tensor(_as_bytes(recv), _as_bytes(send), group=m0.replicate_group)
     CommCounter.collectives["all_gather_into_tensor"] += 1
     for r in range(replicas):
         off = r * width
         for i in handled[r]:
-            k = local_rows[i]
-            result[i] = recv[off: off + k].view(k // metas[i].cols, metas[i].cols)
+            k = local_n[i]
+            result[i] = recv[off: off + k].view(metas[i].local_shape)
             off += k
     return result
 
 
-def _exchange_rows(mats: list[Tensor], metas: list[MatrixMeta], owner: list[int], ns_fn: NSFn) -> list[Tensor]:
-    """Row blocks to their owner (all-to-all), Newton–Schulz there, result rows back (all-to-all), in ``group``.
-
-    Every rank of the shard group must pass the same matrices in the same order (with its own row blocks)."""
-    if not mats:
-        return []
-    pg = metas[0].group
-    world, rank = metas[0].world, metas[0].rank
-    device = mats[0].device
-    shards = [m.shard_sizes() for m in metas]
-    n = len(mats)
-    # 1) every rank sends its row block of matrix i to owner[i] (ordered by destination, then by i)
-    send_idx = [[i for i in range(n) if owner[i] == d] for d in range(world)]
-    in_splits = [sum(shards[i][rank] * metas[i].cols for i in send_idx[d]) for d in range(world)]
-    mine = send_idx[rank]
-    out_splits = [sum(shards[i][s] * metas[i].cols for i in mine) for s in range(world)]
-    send = torch.empty(sum(in_splits), dtype=torch.bfloat16, device=device)
-    pieces = [mats[i].reshape(-1) for d in range(world) for i in send_idx[d] if mats[i].numel()]
-    if pieces:
-        torch.cat(pieces, out=send)
-    recv = torch.empty(sum(out_splits), dtype=torch.bfloat16, device=device)
-    dist.all_to_all_single(_as_bytes(recv), _as_bytes(send), [2 * k for k in out_splits],
-                           [2 * k for k in in_splits], group=pg)
+def _all_to_all(recv: Tensor, send: Tensor, out_splits: list[int], in_splits: list[int], pg: Any) -> Any:
     CommCounter.collectives["all_to_all_single"] += 1
-    # 2) owners assemble full matrices (rows in rank order) and orthogonalise them, batched by shape
-    blocks: dict[int, list[Tensor]] = {i: [] for i in mine}
-    off = 0
-    for s in range(world):
-        for i in mine:
-            k = shards[i][s] * metas[i].cols
-            blocks[i].append(recv[off: off + k].view(shards[i][s], metas[i].cols))
-            off += k
-    full = [torch.cat(blocks[i], dim=0) for i in mine]
-    results = batched_ns(full, ns_fn)
-    # 3) send every rank its rows of each result (mirror of step 1)
-    back_pieces = []
-    for d in range(world):
-        for j, i in enumerate(mine):
-            start = sum(shards[i][:d])
-            if shards[i][d]:
-                back_pieces.append(results[j][start: start + shards[i][d]].reshape(-1))
-    send2 = torch.empty(sum(out_splits), dtype=torch.bfloat16, device=device)
-    if back_pieces:
-        torch.cat(back_pieces, out=send2)
-    recv2 = torch.empty(sum(in_splits), dtype=torch.bfloat16, device=device)
-    dist.all_to_all_single(_as_bytes(recv2), _as_bytes(send2), [2 * k for k in in_splits],
-                           [2 * k for k in out_splits], group=pg)
-    CommCounter.collectives["all_to_all_single"] += 1
-    out: list[Tensor] = [None] * n  # type: ignore[list-item]
-    off = 0
-    for d in range(world):
-        for i in send_idx[d]:
-            k = shards[i][rank] * metas[i].cols
-            out[i] = recv2[off: off + k].view(shards[i][rank], metas[i].cols)
-            off += k
-    return out
+    return dist.all_to_all_single(_as_bytes(recv), _as_bytes(send), [2 * k for k in out_splits],
+                                  [2 * k for k in in_splits], group=pg, async_op=True)
 
 
-def orthogonalize(mats: Sequence[Tensor], metas: Sequence[MatrixMeta], ns_fn: NSFn) -> list[Tensor]:
-    """Newton–Schulz of every matrix (local 2-D views), each computed once across ranks; bf16 local results."""
+class _Bucket:
+    """One bucket of the exchange on this rank: which blocks go where, and its buffers in flight."""
+
+    def __init__(self, mats: list[Tensor], metas: list[MatrixMeta], owner: list[int]) -> None:
+        self.mats, self.metas, self.owner = mats, metas, owner
+        m0 = metas[0]
+        self.pg, self.world, self.rank = m0.group, m0.world, m0.rank
+        n = len(mats)
+        # blocks of matrix i travel to owner[i], ordered by destination, then by i
+        self.send_idx = [[i for i in range(n) if owner[i] == d] for d in range(self.world)]
+        self.in_splits = [sum(metas[i].block_numel(self.rank) for i in self.send_idx[d]) for d in range(self.world)]
+        self.mine = self.send_idx[self.rank]
+        self.out_splits = [sum(metas[i].block_numel(s) for i in self.mine) for s in range(self.world)]
+
+    def issue(self, k: int) -> None:
+        device = self.mats[0].device
+        send = torch.empty(sum(self.in_splits), dtype=torch.bfloat16, device=device)
+        pieces = [self.mats[i].reshape(-1) for d in range(self.world) for i in self.send_idx[d] if self.mats[i].numel()]
+        if pieces:
+            torch.cat(pieces, out=send)
+        self.recv = torch.empty(sum(self.out_splits), dtype=torch.bfloat16, device=device)
+        self.send = send  # kept alive until the collective completes
+        self.work = _all_to_all(self.recv, send, self.out_splits, self.in_splits, self.pg)
+        _record("issue", k)
+
+    def orthogonalize_and_return(self, k: int, ns_fn: NSFn) -> None:
+        self.work.wait()
+        _record("wait", k)
+        device = self.recv.device
+        full = []
+        off = 0
+        parts: dict[int, list[tuple[Block, Tensor]]] = {i: [] for i in self.mine}
+        for s in range(self.world):
+            for i in self.mine:
+                b = self.metas[i].block(s)
+                parts[i].append((b, self.recv[off: off + b[1] * b[3]]))
+                off += b[1] * b[3]
+        for i in self.mine:
+            m = self.metas[i]
+            if all(b[2] == 0 and b[3] == m.cols for b, _ in parts[i]):  # row blocks (tiling): one cat, by offset
+                ordered = sorted(parts[i], key=lambda bx: bx[0][0])
+                full.append(torch.cat([x.view(b[1], b[3]) for b, x in ordered], dim=0))
+                continue
+            whole = torch.empty(m.rows, m.cols, dtype=torch.bfloat16, device=device)
+            for (r0, nr, c0, nc), x in parts[i]:
+                if nr and nc:
+                    whole[r0: r0 + nr, c0: c0 + nc] = x.view(nr, nc)
+            full.append(whole)
+        results = batched_ns(full, ns_fn)
+        _record("ns", k)
+        back = []
+        for s in range(self.world):
+            for j, i in enumerate(self.mine):
+                r0, nr, c0, nc = self.metas[i].block(s)
+                if nr and nc:
+                    back.append(results[j][r0: r0 + nr, c0: c0 + nc].reshape(-1))
+        send2 = torch.empty(sum(self.out_splits), dtype=torch.bfloat16, device=device)
+        if back:
+            torch.cat(back, out=send2)
+        self.recv = self.work = None
+        self.send = send2
+        self.recv2 = torch.empty(sum(self.in_splits), dtype=torch.bfloat16, device=device)
+        self.work2 = _all_to_all(self.recv2, send2, self.in_splits, self.out_splits, self.pg)
+        _record("issue_back", k)
+
+    def finish(self, k: int) -> list[Tensor]:
+        self.work2.wait()
+        _record("wait_back", k)
+        out: list[Tensor] = [None] * len(self.mats)  # type: ignore[list-item]
+        off = 0
+        for d in range(self.world):
+            for i in self.send_idx[d]:
+                m = self.metas[i]
+                cnt = m.block_numel(self.rank)
+                out[i] = self.recv2[off: off + cnt].view(m.local_shape)
+                off += cnt
+        self.send = self.recv2 = self.work2 = None
+        return out
+
+
+def _exchange_blocks(jobs: list[tuple[list[Tensor], list[MatrixMeta], list[int]]], ns_fn: NSFn) -> list[list[Tensor]]:
+    """Blocks to their owner (all-to-all), Newton–Schulz there, result blocks back (all-to-all), per bucket and
+    pipelined: bucket ``k+1`` is issued before bucket ``k`` is waited on and orthogonalised.
+
+    ``jobs``: per bucket, the matrices (this rank's blocks), their metas and their owner's rank in the holder
+    group. Every rank of the holder group must pass the same buckets in the same order (with its own blocks)."""
+    buckets = [_Bucket(*job) for job in jobs]
+    if buckets:
+        buckets[0].issue(0)
+    for k, b in enumerate(buckets):
+        if k + 1 < len(buckets):
+            buckets[k + 1].issue(k + 1)
+        b.orthogonalize_and_return(k, ns_fn)
+    return [b.finish(k) for k, b in enumerate(buckets)]
+
+
+def orthogonalize(mats: Sequence[Tensor], metas: Sequence[MatrixMeta], ns_fn: NSFn,
+                  bucket_mb: float | None = None) -> list[Tensor]:
+    """Newton–Schulz of every matrix (local 2-D views), each computed once across ranks; bf16 local results.
+
+    ``bucket_mb``: size of the ``sharded`` layout's exchange buckets (``BUCKET_MB`` when ``None``)."""
     out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, m in enumerate(metas):
@@ -343,20 +543,21 @@ def orthogonalize(mats: Sequence[Tensor], metas: Sequence[MatrixMeta], ns_fn: NS
         elif kind == "replicated":
             res = _replicated(sub_m, sub_meta, ns_fn)
         else:
-            res = _sharded(sub_m, sub_meta, ns_fn)
+            res = _sharded(sub_m, sub_meta, ns_fn, bucket_mb)
         for j, i in enumerate(idx):
             out[i] = res[j]
     return out
 
 
 def global_sq_norms(tensors: Sequence[Tensor], metas: Sequence[MatrixMeta]) -> list[Tensor]:
-    """‖t‖²_F of each full matrix from local pieces: one all-reduce per process group of sharded matrices."""
+    """‖t‖²_F of each full matrix from local blocks: one all-reduce per holder group of sharded matrices (the
+    holders' blocks are disjoint, so their sums add up; replicas, if any, hold the same blocks)."""
     if not tensors:
         return []
     sq = torch.stack([t.float().square().sum() for t in tensors])
     sharded = defaultdict(list)
     for i, m in enumerate(metas):
-        if m.kind == "sharded":  # rows split over m.group (replicas, if any, hold the same rows)
+        if m.kind == "sharded":
             sharded[_group_key(m.group)].append(i)
     if sharded:
         sq = sq.clone()
@@ -366,3 +567,28 @@ def global_sq_norms(tensors: Sequence[Tensor], metas: Sequence[MatrixMeta]) -> l
             CommCounter.collectives["all_reduce"] += 1
             sq[idx] = part
     return list(sq.unbind(0))
+
+
+def row_mean_sq(tensors: Sequence[Tensor], metas: Sequence[MatrixMeta]) -> list[Tensor]:
+    """``mean(t², dim=-1)`` over each *whole* row (``local_rows × 1``, fp32) from local blocks.
+
+    A column-split matrix (``col_world > 1``) holds part of each row: the partial sums ``Σ_local t²`` are
+    all-reduced over its column group (one all-reduce per group, all its matrices packed) and divided by the
+    global column count. Other matrices hold whole rows: plain ``mean``, no communication."""
+    out = [t.float().square().mean(dim=-1, keepdim=True) if t.shape[0] and t.shape[-1] else
+           torch.zeros(t.shape[0], 1, dtype=torch.float32, device=t.device) for t in tensors]
+    split = defaultdict(list)
+    for i, m in enumerate(metas):
+        if m.kind == "sharded" and m.col_world > 1:
+            split[_group_key(m.col_group)].append(i)
+    for idx in split.values():
+        sums = [tensors[i].float().square().sum(dim=-1) for i in idx]
+        flat = torch.cat(sums) if sums else torch.zeros(0)
+        dist.all_reduce(flat, group=metas[idx[0]].col_group)
+        CommCounter.collectives["all_reduce"] += 1
+        off = 0
+        for i in idx:
+            k = tensors[i].shape[0]
+            out[i] = (flat[off: off + k] / metas[i].cols).unsqueeze(-1)
+            off += k
+    return out
