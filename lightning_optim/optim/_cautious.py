@@ -71,9 +71,10 @@ def needs_global_count(param_objs: Sequence[Any] | None) -> bool:
     return param_objs is not None and any(is_sharded(p) for p in param_objs)
 
 
-def _reduce_counts(counts: Tensor, param_objs: Sequence[Any]) -> Tensor:
-    """``counts`` (int64, one per tensor) summed over the shards of the sharded DTensors among ``param_objs``:
-    one all-reduce per (mesh, placements) class and sharded mesh dimension."""
+def _reduce_counts(counts: list[Tensor], param_objs: Sequence[Any]) -> list[Tensor]:
+    """``counts`` (0-d int64, one per tensor) summed over the shards of the sharded DTensors among ``param_objs``:
+    one all-reduce of the stacked counts per (mesh, sharded mesh dims) class and sharded mesh dimension; no
+    host-device copy."""
     classes: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(param_objs):
         if is_sharded(p):
@@ -83,30 +84,31 @@ def _reduce_counts(counts: Tensor, param_objs: Sequence[Any]) -> Tensor:
         return counts
     import torch.distributed as dist
 
-    counts = counts.clone()
+    counts = list(counts)
     for (_, dims), idx in classes.items():
         mesh = param_objs[idx[0]].device_mesh
-        sel = torch.tensor(idx, device=counts.device)
-        part = counts.index_select(0, sel)
+        part = torch.stack([counts[i] for i in idx])
         for d in dims:
             dist.all_reduce(part, group=mesh.get_group(d))
-        counts.index_copy_(0, sel, part)
+        for j, i in enumerate(idx):
+            counts[i] = part[j]
     return counts
 
 
 def mask_means(masks: Sequence[Tensor], param_objs: Sequence[Any] | None = None) -> list[Tensor]:
-    """``mean(φ)`` of each tensor as 0-d float64 tensors (exact count over the whole tensor / its ``numel``);
-    ``param_objs[i]`` (the parameter, possibly a ``DTensor``) gives the global count and ``numel``."""
+    """``mean(φ)`` of each tensor as 0-d float64 tensors (float32 on MPS): the exact count of ones over the whole
+    tensor divided by its ``numel``; ``param_objs[i]`` (the parameter, possibly a ``DTensor``) gives the global
+    count and ``numel``."""
     if not masks:
         return []
-    counts = torch.stack([m.sum(dtype=torch.int64) for m in masks])
+    counts = [m.sum(dtype=torch.int64) for m in masks]
     if param_objs is not None:
         counts = _reduce_counts(counts, param_objs)
-        numels = [max(p.numel(), 1) for p in param_objs]
+        numels = [p.numel() for p in param_objs]
     else:
-        numels = [max(m.numel(), 1) for m in masks]
-    total = torch.tensor(numels, dtype=torch.float64, device=counts.device)
-    return list((counts.double() / total).unbind(0))
+        numels = [m.numel() for m in masks]
+    dtype = torch.float32 if masks[0].device.type == "mps" else torch.float64
+    return [c.to(dtype) / max(n, 1) for c, n in zip(counts, numels)]
 
 
 def cautious_(updates: list[Tensor], grads: Sequence[Tensor], param_objs: Sequence[Any] | None = None) -> list[Tensor]:
