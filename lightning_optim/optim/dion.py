@@ -149,11 +149,12 @@ class _Work:
         return self.meta.kind == "sharded"
 
     def row_range(self) -> tuple[int, int]:
+        """The rows of the stored matrix this rank holds (its block: FSDP2's ``torch.chunk`` rows, or under
+        FSDP2 over tensor parallelism a block whose place need not follow the rank order)."""
         if not self.sharded():
             return 0, self.rows
-        sizes = self.meta.shard_sizes()
-        start = sum(sizes[: self.meta.rank])
-        return start, start + sizes[self.meta.rank]
+        start, n, _, _ = self.meta.block(self.meta.rank)
+        return start, start + n
 
 
 def _all_reduce_sum(tensors: list[Tensor], works: list[_Work]) -> list[Tensor]:
