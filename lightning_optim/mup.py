@@ -21,10 +21,10 @@ readout       output head; logits multiplied by 1/m      base std (constant)    
 vector        norm gains, biases                         base (ones / zeros)           η (constant)
 ============  =========================================  ============================  ==========================
 
-This is Table 3's "μP" column in its output-multiplier form (Table 8): Table 3 initialises the output weights
-with variance ``1/fan_in²`` and gives them lr ``η/fan_in``; multiplying the readout's input by ``1/m`` instead, the
-output weights keep a constant-variance initialisation and a constant Adam lr, and produce the same function and
-the same training dynamics (Adam's update is invariant to the gradient's scale). Input weights and biases: variance
+This is Table 3's "μP" column in its output-multiplier form (the equivalent Tables 8/9): Table 3 initialises the
+output weights with variance ``1/fan_in²`` and gives them lr ``η/fan_in``; multiplying the readout's input by
+``1/m`` instead, the output weights keep a constant-variance initialisation and a constant Adam lr, and produce the
+same function and the same training dynamics (Adam's update is invariant to the gradient's scale). Input weights and biases: variance
 ``1/fan_in`` with a finite fan-in, i.e. constant, lr constant; hidden weights: variance ``1/fan_in``, lr
 ``η/fan_in``. Written relative to a base width so that at ``m = 1`` every multiplier is 1: the base model is the
 standard-parametrization model, and its tuned lr is the lr given. Hidden weight decay is multiplied by ``m_in``

@@ -110,7 +110,8 @@ class ModelConfig:
             raise ValueError("mup_base_config: this ModelConfig has no mup_base_width")
         base = self.mup_base_width
         custom = self.mlp_hidden != default_mlp_hidden(self.arch, self.n_embd)
-        return dataclasses.replace(self, n_embd=base, mlp_hidden=self.mlp_hidden * base // self.n_embd if custom else None)
+        hidden = self.mlp_hidden * base // self.n_embd if custom else None
+        return dataclasses.replace(self, n_embd=base, mlp_hidden=hidden)
 
     @property
     def head_dim(self) -> int:
