@@ -71,6 +71,18 @@ def test_recorded_max_equals_a_plain_recomputation(arch, n_kv_head):
     torch.testing.assert_close(clipper.max_logits()[0].double(), both, rtol=1e-4, atol=1e-4)
 
 
+def test_chunking_does_not_change_the_maximum():
+    from lightning_optim.callbacks.qk_clip import max_causal_logits
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(5, 4, 7, 3, generator=g), torch.randn(5, 2, 7, 3, generator=g)
+    whole = max_causal_logits(q, k, 0.5)  # auto: all 5 sequences at once here
+    assert torch.equal(max_causal_logits(q, k, 0.5, chunk=1), whole)
+    assert torch.equal(max_causal_logits(q, k, 0.5, chunk=2), whole)
+    with pytest.raises(ValueError, match="chunk"):
+        QKClipper(chunk=0)
+
+
 @pytest.mark.parametrize("arch,n_kv_head", [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1)])
 def test_clip_lands_the_heads_over_tau_on_tau_and_leaves_the_others_bit_for_bit(arch, n_kv_head):
     m = attention(arch, n_kv_head=n_kv_head)
@@ -232,6 +244,27 @@ def test_trainer_run_clips_once_per_optimizer_step_and_logs(tmp_path):
     with torch.no_grad():
         lm.model(x[:, :-1])
     assert max(t.max().item() for t in clipper.max_logits()) < 3 * TAU
+
+
+def test_disabled_callback_does_nothing(tmp_path):
+    lm = TinyLM()
+    w0 = [b.attn.qkv.weight.detach().clone() for b in lm.model.blocks]
+    cb = QKClip(threshold=TAU, enabled=False)
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(all(b.attn.qk_observer is None for b in pl_module.model.blocks))
+
+    lm.configure_optimizers = lambda: torch.optim.SGD(lm.parameters(), lr=0.0)  # weights move only by clipping
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, callbacks=[cb, Watch()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(lm)
+    assert seen == [True, True] and "train/qk_max_logit" not in trainer.callback_metrics
+    assert all(torch.equal(b.attn.qkv.weight, w) for b, w in zip(lm.model.blocks, w0))
+    with pytest.raises(ValueError, match="enabled"):
+        QKClip(enabled="false")
 
 
 # ----------------------------------------------------------------------------------------------------------
