@@ -55,9 +55,11 @@ for all its sharded matrices together (packed, one collective each, float32)::
 so 2 all-reduces per step (``power_iters = 1``), whatever the number of matrices, carrying
 ``Σ (1.25·r_i + r_i + n_i)·r_i`` elements; no full matrix is ever assembled on a rank. Under HSDP they run in
 the shard group; the replicas hold the same rows and compute the same step (FSDP2 has already averaged the
-gradients across them). The payload does not shrink with the number of ranks: at full rank it is about
+gradients across them). The payload does not shrink with the number of ranks: at full rank it is up to
 3.25·n·r float32 per matrix, far more bytes than Muon's owner all-to-alls (bf16, ``1/W`` of the matrices per
-rank); Dion's bytes fall with ``rank_fraction`` (the sketch and Gram terms as its square).
+rank); Dion's bytes fall with ``rank_fraction`` (the sketch and Gram terms as its square). Row blocks that
+span several mesh dimensions (FSDP2 over ``ColwiseParallel`` tensor parallelism) are summed over their holder
+group the same way (not tested here); column shards (``RowwiseParallel``) are refused by name.
 
 Defaults are microsoft/dion's ``Dion``: lr 0.01, μ 0.95, weight decay 0.01, rank_fraction 1.0, ε 1e-8,
 power_iters 1, qr_method "rcqr"; AdamW part betas (0.9, 0.95), eps 1e-8, Dion's lr and weight decay.
