@@ -231,3 +231,34 @@ def test_coordinate_check_mup_flat_sp_grows():
             assert cc.spread(mup, "update", layer) < 2.5, (name, layer, cc.spread(mup, "update", layer))
         for layer in ("block1", "logits"):
             assert cc.growth(sp, "update", layer) > 2.5, (name, layer, cc.growth(sp, "update", layer))
+
+
+# -- the transfer harness's bookkeeping ---------------------------------------------------------------------------
+
+
+def _transfer():
+    if "mup_transfer" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("mup_transfer", ROOT / "benchmarks" / "mup_transfer.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mup_transfer"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules["mup_transfer"]
+
+
+def test_transfer_optimum_is_the_parabola_vertex_in_log2_lr():
+    mt = _transfer()
+    lrs = [2.0 ** k for k in range(-10, -5)]
+    points = [(lr, (math.log2(lr) + 7.3) ** 2 + 1.0) for lr in lrs]  # vertex at lr = 2**-7.3
+    assert math.log2(mt.optimum(points)) == pytest.approx(-7.3)
+    edge = [(lr, -math.log2(lr)) for lr in lrs]  # still falling at the largest lr: the edge, not extrapolated
+    assert mt.optimum(edge) == lrs[-1]
+    assert mt.optimum([(lr, float("inf")) for lr in lrs]) is None
+
+
+def test_transfer_plan_shares_the_base_width_run():
+    mt = _transfer()
+    cfg = mt.TransferConfig()
+    runs = mt.plan(cfg, ["adamw", "muon"])
+    assert len(runs) == 2 * 5 * (3 + 2)  # SP at 3 widths, muP at the 2 that differ from the base
+    assert not any(mup and width == cfg.base_width for _, mup, width, _ in runs)
+    assert [w for _, _, w, _ in runs] == sorted(w for _, _, w, _ in runs)  # narrowest first
