@@ -48,7 +48,8 @@ eigenvalues are shifted to ``λ - min λ + ε`` before ``R = Q·diag(λ^(-1/p))�
         T = (1 + 1/p)·I - M/p;   X ← X·T;   M ← T^p·M
     R = X
 
-The roots are computed in ``root_dtype`` (float32 by default, "float64" optional) and stored in float32. An
+The roots are computed in ``root_dtype`` (float32 by default, "float64" optional) and stored in the state's
+dtype (float32; float64 for float64 parameters). An
 eigendecomposition that fails in float32 is retried in float64 (as the reference); a root that still fails or
 comes out non-finite keeps the previous root, with a warning naming the parameter and the factor.
 
@@ -68,6 +69,9 @@ FSDP2 ``DTensor`` parameters are handled as SOAP handles them: the gradient is g
 all-gather per parameter over its mesh), every rank keeps the full state and computes the full update, and
 applies the part it holds (the weight decay on its own shard) — identical on every rank, the state is not
 sharded and the work is not split.
+
+Hugging Face ``Conv1D`` weights are stored (in, out); every side of a block gets the same treatment, so such a
+weight needs no special case and a group's ``transposed`` flag (set by the default grouping) is ignored.
 """
 
 from __future__ import annotations
