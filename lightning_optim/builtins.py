@@ -266,7 +266,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     optimizer(
         "soap", soap.SOAP,
         family="matrix",
-        state=StateLayout(2, extra=_soap_preconditioners, names=("exp_avg", "exp_avg_sq")),
+        state=StateLayout(2, extra=_soap_preconditioners, names=("exp_avg", "exp_avg_sq"), replicated="all"),
         paper="Vyas et al. 2024, SOAP: Improving and Stabilizing Shampoo using Adam (arXiv 2409.11321)",
         reference="https://github.com/nikhilvyas/SOAP (soap.py)",
         description="Adam in the eigenbasis of Shampoo's factors; batched eigh/QR refreshes every "

@@ -6,7 +6,10 @@ For ``P`` parameters with weights in dtype ``w``, gradients in ``g`` and optimiz
     state      = Σ_parameters Σ_state-tensors numel·|s|      (|s| overridden by quantised layouts)
 
 each divided by the sharding factor for the pieces the chosen sharding splits (``full`` = FSDP / ZeRO-3:
-everything; ``grad_op`` = ZeRO-2: gradients and state; ``optimizer`` = ZeRO-1: state only).
+everything; ``grad_op`` = ZeRO-2: gradients and state; ``optimizer`` = ZeRO-1: state only). Under ``full``
+(FSDP2 ``fully_shard``: the optimizer sees DTensor shards) the state an optimizer keeps whole on every rank
+(:attr:`~lightning_optim.specs.StateLayout.replicated`: SOAP's and Shampoo's full state, Dion's ``Q``) is not
+divided.
 
 The state per parameter comes from the optimizer's :class:`~lightning_optim.registry.StateLayout`:
 ``tensors`` parameter-sized tensors, plus ``extra(shape)`` shape-dependent elements (Adafactor's row and
@@ -335,6 +338,7 @@ def estimate_memory(
     lowp = spec.low_precision_state if state_dtype is not None and "state_dtype" in spec.defaults else None
     state_dtypes: dict[str, str] = {}
     state: dict[str, float] = {}
+    whole: set[str] = set()  # state kept whole on every rank under FSDP2 (StateLayout.replicated)
     for shape, is_matrix, use_extra in per_shape:
         numel = math.prod(shape)
         layout = spec.state if (is_matrix or spec.other_state is None) else spec.other_state
@@ -351,13 +355,17 @@ def estimate_memory(
                 e = sb if low else wb
                 state_dtypes[prefix + label] = _dtype_name(state_dtype if low else weight_dtype)
             state[prefix + label] = state.get(prefix + label, 0.0) + count * numel * e
+            if sharding == "full" and layout.replicated == "all":
+                whole.add(prefix + label)
         if use_extra and layout.extra is not None:
             key = prefix + "shape-dependent"
             e = wb if lowp is not None else elem  # NorMuon's row moment, SOAP's factors: not lowered
             state[key] = state.get(key, 0.0) + layout.extra(shape) * e
+            if sharding == "full" and layout.replicated in ("extra", "all"):
+                whole.add(key)
     split = SHARDING[sharding]
     div = {k: (shard if k in split else 1) for k in ("parameters", "gradients", "master", "state")}
-    state = {k: v / div["state"] for k, v in state.items()}
+    state = {k: v if k in whole else v / div["state"] for k, v in state.items()}
     dtypes = {"weights": _dtype_name(weight_dtype)}
     if gb != wb:
         dtypes["grads"] = _dtype_name(grad_dtype)
@@ -369,7 +377,7 @@ def estimate_memory(
         optimizer=spec.name, n_params=total, parameters=total * wb / div["parameters"],
         gradients=total * gb / div["gradients"], master=total * mb / div["master"],
         state=state, shard=int(shard), exact=exact, sharding=sharding, dtypes=dtypes,
-        unsharded_total=total * (wb + gb + mb) + sum(state.values()) * div["state"],
+        unsharded_total=total * (wb + gb + mb) + sum(v if k in whole else v * div["state"] for k, v in state.items()),
         state_dtypes=state_dtypes if len(set(state_dtypes.values())) > 1 else {},
     )
 

@@ -37,6 +37,10 @@ def signature_defaults(cls: type) -> tuple[dict[str, Any], bool]:
     return defaults, any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+#: which part of an optimizer's state every FSDP2 rank keeps whole (:attr:`StateLayout.replicated`)
+REPLICATED = ("none", "extra", "all")
+
+
 @dataclass(frozen=True)
 class StateLayout:
     """Optimizer state kept for one parameter, for memory accounting.
@@ -46,12 +50,22 @@ class StateLayout:
     ``bytes_per_element`` overrides the state dtype for quantised state (8-bit AdamW: 1 byte plus block
     scales); ``None`` means "the state dtype", usually the parameter's. ``names`` labels the
     parameter-sized tensors (``("exp_avg", "exp_avg_sq")``) for the memory report.
+
+    ``replicated`` says which part every rank keeps whole when the parameters are FSDP2 shards
+    (``fully_shard``), where the rest is sharded like the parameter: ``"none"`` (all sharded: AdamW, Muon),
+    ``"extra"`` (the shape-dependent part is replicated: Dion's right factor ``Q``) or ``"all"`` (the optimizer
+    gathers the gradient and keeps the full state on every rank: SOAP, Shampoo).
     """
 
     tensors: float = 0.0
     extra: Callable[[tuple[int, ...]], int] | None = None
     bytes_per_element: float | None = None
     names: tuple[str, ...] = ()
+    replicated: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.replicated not in REPLICATED:
+            raise ValueError(f"StateLayout.replicated must be one of {', '.join(REPLICATED)}, got {self.replicated!r}")
 
     def numel(self, shape: Iterable[int]) -> float:
         shape = tuple(int(s) for s in shape)

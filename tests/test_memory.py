@@ -24,6 +24,7 @@ from lightning_optim.memory import (
     transformer_shapes,
 )
 from lightning_optim.registry import get_optimizer_spec
+from lightning_optim.specs import StateLayout
 
 VOCAB, DIM, SEQ = 96, 32, 8
 
@@ -202,3 +203,21 @@ def test_preset_from_models_matches_the_module() -> None:
         by_module = estimate_memory(name, module=model)
         assert by_preset.state_total == by_module.state_total
         assert by_preset.n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_state_every_fsdp2_rank_keeps_whole_is_not_divided() -> None:
+    """SOAP gathers the gradient and keeps its full state on every rank; Dion's right factor Q is replicated
+    while its momentum is a row shard; AdamW's state is sharded like the parameters."""
+    one = {name: estimate_memory(name, preset="tiny", vocab_size=256) for name in ("soap", "dion", "adamw")}
+    four = {name: estimate_memory(name, preset="tiny", vocab_size=256, shard=4) for name in one}
+    assert four["soap"].state == one["soap"].state
+    assert four["soap"].parameters == one["soap"].parameters / 4
+    dion_one, dion_four = one["dion"].state, four["dion"].state
+    assert dion_four["matrix shape-dependent"] == dion_one["matrix shape-dependent"] > 0
+    assert dion_four["matrix momentum"] == dion_one["matrix momentum"] / 4
+    assert four["adamw"].state == {k: v / 4 for k, v in one["adamw"].state.items()}
+    # ZeRO-1 partitions the optimizer's state by owner, whatever the optimizer keeps per parameter
+    zero1 = estimate_memory("soap", preset="tiny", vocab_size=256, shard=4, sharding="optimizer")
+    assert zero1.state == {k: v / 4 for k, v in one["soap"].state.items()}
+    with pytest.raises(ValueError, match="replicated"):
+        StateLayout(2, replicated="some")

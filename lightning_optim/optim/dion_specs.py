@@ -29,7 +29,7 @@ def _right_factor(shape: tuple[int, ...]) -> int:
 SPECS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
         name="dion", factory=dion.Dion, defaults=_DEFAULTS, family="matrix", hybrid=True,
-        state=StateLayout(1, extra=_right_factor, names=("momentum",)),
+        state=StateLayout(1, extra=_right_factor, names=("momentum",), replicated="extra"),
         other_state=StateLayout(2, names=("exp_avg", "exp_avg_sq")),
         routing=ADAMW_ROUTING,
         paper="Ahn, Xu et al. 2025, Dion: Distributed Orthonormalized Updates (arXiv 2504.05295), Algorithm 1",
