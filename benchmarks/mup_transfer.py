@@ -212,13 +212,16 @@ def write_report(records: dict[str, dict], cfg: TransferConfig, optimizers: list
                 lines.append(f"| {width} | {cells} | {best:.3g} |" if best else f"| {width} | {cells} | – |")
             lines.append("")
             done = [w for w in cfg.widths if opts[w]]
+            per_width = " | ".join(f"{opts[w]:.3g}" if opts[w] else "–" for w in cfg.widths)
+            shift = "–"
             if len(done) >= 2:
                 lo, hi = done[0], done[-1]
-                shift = math.log2(opts[hi] / opts[lo])
-                summary.append(f"| {label} | {opts[lo]:.3g} | {opts[hi]:.3g} | {shift:+.2f} | "
-                               f"{math.log2(hi / lo):.0f} |")
-    lines[at:at] = ["## Optimum shift", "", "| run | optimum lr, narrowest | optimum lr, widest | shift (octaves) | "
-                  "width octaves |", "|---|---|---|---|---|", *summary, ""]
+                shift = f"{math.log2(opts[hi] / opts[lo]):+.2f} over {math.log2(hi / lo):.0f} ({lo} → {hi})"
+            summary.append(f"| {label} | {per_width} | {shift} |")
+    lines[at:at] = ["## Optimum shift", "", "Optimum lr per width, and its shift in octaves (log2 of the ratio) over "
+                    "the width octaves it spans: 0 is perfect transfer, -1 per width octave is lr ∝ 1/width.", "",
+                    "| run | " + " | ".join(f"width {w}" for w in cfg.widths) + " | shift (octaves) over width octaves |",
+                    "|---|" + "---|" * (len(cfg.widths) + 1), *summary, ""]
     if missing:
         lines += [f"Not run yet (rerun the same command to complete): {len(missing)} runs."]
     text = "\n".join(lines) + "\n"
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only the SP or only the muP cells (e.g. a second worker process; the report "
                              "covers every finished run)")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
     args = parser.parse_args(argv)
     cfg = TransferConfig()
     if args.widths:
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    for o, m, w, lr in todo:
+    for o, m, w, lr in [] if args.report_only else todo:
         name = run_name(o, m, w, lr)
         if args.only is not None and m != (args.only == "mup"):
             continue
