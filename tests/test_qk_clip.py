@@ -1,6 +1,7 @@
 """QK-clip (Kimi K2's MuonClip rule): the recorded maximum logit against a plain recomputation, the rescale
 (heads over τ land on τ, the others keep their weights bit for bit), GQA, biases, refusals, a Trainer run, and
-2 processes (DDP replicas apply the same factors; FSDP2 row shards equal one process)."""
+2 processes (DDP replicas apply the same factors; FSDP2 row shards, plain and through the callback in a Lightning
+ModelParallelStrategy Trainer, equal one process)."""
 
 from __future__ import annotations
 
@@ -279,9 +280,10 @@ def test_ddp_and_fsdp2_two_processes(tmp_path):
                     out_dir=tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["ddp_ranks_equal"] and report["fsdp_local_rows"] == [23, 22]
-    for kind in ("ddp", "fsdp"):
+    assert report["lightning_clipped"] == report["lightning_single_clipped"]  # the logged count, on rank 0
+    for kind in ("ddp", "fsdp", "lightning"):
         got = torch.load(tmp_path / f"{kind}_rank0.pt", weights_only=True)
         want = torch.load(tmp_path / f"{kind}_single.pt", weights_only=True)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{kind} {k}: {m}")
-        assert report[f"{kind}_clipped"] > 0
+    assert report["ddp_clipped"] > 0

@@ -8,6 +8,9 @@
 * ``fsdp``: the same model under ``fully_shard`` (qkv rows 45 → shards of 23 and 22: the shard boundary splits
   a key head); each rank's forward on its batch, ``clip()`` rescales the rows of the local shard at its row
   offset; the full weights (``fsdp_rank0.pt``) must equal the one-process clip (``fsdp_single.pt``).
+* ``lightning``: the ``QKClip`` callback in a Lightning ``Trainer(strategy=ModelParallelStrategy())`` with the same
+  ``fully_shard`` layout, one optimizer step of SGD at lr 0 (the weights move only by the clip) on each rank's
+  batch; the full weights (``lightning_rank0.pt``) must equal the one-process clip too (``lightning_single.pt``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.distributed as dist
 
@@ -26,7 +30,7 @@ warnings.filterwarnings("ignore")
 
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from lightning_optim.callbacks.qk_clip import QKClipper  # noqa: E402
+from lightning_optim.callbacks.qk_clip import QKClip, QKClipper  # noqa: E402
 from lightning_optim.models.gpt import ModelConfig, Transformer  # noqa: E402
 from tests.dist_utils import finish  # noqa: E402
 
@@ -64,6 +68,45 @@ def single():
     return full_state(model), int(stats["qk_clipped_heads"])
 
 
+class LM(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = make_model()
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for b in self.model.blocks:
+            fully_shard(b, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, b, i):
+        logits = self.model(b[0])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[0].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader([(batch(dist.get_rank()),)], batch_size=None)
+
+
+def lightning_run(out, rank):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    lm = LM()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[QKClip(threshold=TAU)])
+    trainer.fit(lm)
+    state = full_state(lm.model)
+    clipped = int(trainer.callback_metrics["train/qk_clipped_heads"])
+    if rank == 0:
+        torch.save(state, out / "lightning_rank0.pt")
+    return clipped
+
+
 def main():
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
@@ -98,13 +141,16 @@ def main():
     dist.all_gather_object(rows, model.blocks[0].attn.qkv.weight.to_local().shape[0])
     report["fsdp_local_rows"] = rows
     fsdp = full_state(model)
+    report["lightning_clipped"] = lightning_run(out, rank)
     if rank == 0:
         torch.save(mine, out / "ddp_rank0.pt")
         torch.save(fsdp, out / "fsdp_rank0.pt")
         want, clipped = reference
         torch.save(want, out / "ddp_single.pt")
         torch.save(want, out / "fsdp_single.pt")
+        torch.save(want, out / "lightning_single.pt")
         report["ddp_clipped"] = report["fsdp_clipped"] = clipped
+        report["lightning_single_clipped"] = clipped
         (out / "report.json").write_text(json.dumps(report))
     dist.barrier()
     finish(out)
