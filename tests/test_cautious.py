@@ -284,6 +284,46 @@ def test_compiled_cautious_equals_eager(make):
     assert not torch.equal(eager_ps[0], _big_params()[0])
 
 
+KERNEL_MAKERS = {
+    "lion": lambda ps, c: create_optimizer("lion", ps, cautious=True, compiled=c, lr=1e-2),
+    "signum": lambda ps, c: create_optimizer("signum", ps, cautious=True, compiled=c, lr=1e-2),
+    "adopt": lambda ps, c: create_optimizer("adopt", ps, cautious=True, compiled=c, lr=1e-2),
+    "ademamix": lambda ps, c: create_optimizer("ademamix", ps, cautious=True, compiled=c, lr=1e-2),
+    "mars": lambda ps, c: create_optimizer("mars", [{"params": [ps[0]], "matrix": True},
+                                                    {"params": [ps[1]], "matrix": False}],
+                                           cautious=True, compiled=c, lr=1e-2),
+    "mars-adamw": lambda ps, c: create_optimizer("mars", [{"params": ps, "matrix": False}], cautious=True,
+                                                 compiled=c, lr=1e-2),
+    "prodigy": lambda ps, c: create_optimizer("prodigy", ps, cautious=True, compiled=c),
+    "adamw": lambda ps, c: ElementwiseAdam(ps, lr=1e-2, cautious=True, compiled=c),
+    "adam": lambda ps, c: ElementwiseAdam(ps, lr=1e-2, weight_decay=0.05, decoupled_weight_decay=False,
+                                          cautious=True, compiled=c),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_MAKERS))
+def test_every_cautious_kernel_equals_the_eager_path(name, monkeypatch):
+    """Each optimizer's per-tensor cautious kernel (the function the compiled path compiles), run uncompiled, takes
+    the steps of the eager foreach path; test_compiled_cautious_equals_eager compiles two of them."""
+    called = []
+    monkeypatch.setattr(_elementwise, "compiled_kernel", lambda fn: called.append(fn) or fn)
+    monkeypatch.setattr(_elementwise, "COMPILED_MIN_NUMEL", 16)  # the 6x5 matrix takes the kernel, the 7-vector not
+    eager_ps = [torch.nn.Parameter(w) for w in weights()]
+    kernel_ps = [torch.nn.Parameter(w) for w in weights()]
+    eager, kernel = KERNEL_MAKERS[name](eager_ps, False), KERNEL_MAKERS[name](kernel_ps, True)
+    for step in range(8):
+        g = torch.Generator().manual_seed(300 + step)
+        for a, b in zip(eager_ps, kernel_ps):
+            grad = torch.randn(a.shape, generator=g, dtype=a.dtype) * 0.01 + 0.5 * a.detach()
+            a.grad, b.grad = grad.clone(), grad.clone()
+        eager.step()
+        kernel.step()
+    assert any("cautious" in fn.__name__ for fn in called), f"{name}: no cautious kernel ran ({called})"
+    for a, b in zip(eager_ps, kernel_ps):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+    assert not torch.equal(eager_ps[0], weights()[0])
+
+
 def test_cautious_tensor_is_the_list_rule():
     g = torch.Generator().manual_seed(1)
     u, grad = torch.randn(40, 30, generator=g), torch.randn(40, 30, generator=g)
