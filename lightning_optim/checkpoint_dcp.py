@@ -46,6 +46,11 @@ both methods:
   and every rank raises the same :class:`~lightning_optim.checkpoint.CheckpointError` naming it when that
   fails. A folder without a manifest (written by Lightning's own strategy, or a save that did not finish)
   is refused unless ``allow_unverified_folders=True``.
+- **load, a newer optimizer**: a param-group setting the running optimizer has and the sharded checkpoint
+  lacks (a hyperparameter added in a later release, e.g. ``cautious``) would make
+  ``torch.distributed.checkpoint`` fail with ``Missing key in checkpoint state_dict``. It is left out of what
+  is read, keeps the running optimizer's value, and a warning names it. Tensors missing from the checkpoint
+  still fail the load.
 
 Not covered: the staging folder and the swap need a POSIX file system shared by all ranks (the folder's
 rename is done by rank 0); remote URLs are refused by the ``CheckpointIO``. The shard-dependent state check
@@ -74,6 +79,7 @@ import torch
 from torch.distributed.constants import default_pg_timeout
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .checkpoint import (
     MANIFEST_NAME,
@@ -225,7 +231,41 @@ class VerifiedModelParallelStrategy(ModelParallelStrategy):
         if failure is not None:
             reason, missing = failure
             raise (CheckpointNotFoundError if missing else CheckpointError)(path, reason)
-        return super().load_checkpoint(path, weights_only=weights_only)
+        absent = _param_group_keys_absent(path, self.optimizers) if path.is_dir() else []
+        for opt, gi, key, value in absent:
+            del opt.param_groups[gi][key]
+        try:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        finally:
+            for opt, gi, key, value in absent:
+                opt.param_groups[gi].setdefault(key, value)
+            if absent and self.global_rank == 0:
+                named = ", ".join(sorted({f"{key}={value!r}" for _, _, key, value in absent}))
+                rank_zero_warn(f"{path}: the checkpoint's param groups have no {named}; the running optimizer's "
+                               "value is kept (a setting added after the checkpoint was written)")
+
+
+def _param_group_keys_absent(path: Path, optimizers: list[torch.optim.Optimizer]) -> list[tuple[Any, int, str, Any]]:
+    """``(optimizer, group index, key, current value)`` for each param-group key of the running optimizers that
+    the sharded checkpoint at ``path`` does not hold (DCP flattens them to ``optimizer_{i}.param_groups.{g}.{key}``).
+    An optimizer the checkpoint holds nothing of is left alone: the load then fails as it should."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        saved = set(FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata)
+    except Exception:  # not a DCP folder: Lightning's own load reports it
+        return []
+    absent = []
+    for oi, opt in enumerate(optimizers):
+        prefix = f"optimizer_{oi}.param_groups."
+        if not any(k.startswith(prefix) for k in saved):
+            continue
+        for gi, group in enumerate(opt.param_groups):
+            if f"{prefix}{gi}.params" not in saved:
+                continue  # a group the checkpoint does not have: not ours to paper over
+            absent += [(opt, gi, key, value) for key, value in group.items()
+                       if key != "params" and f"{prefix}{gi}.{key}" not in saved]
+    return absent
 
 
 # -- shard-dependent plain state ----------------------------------------------------------------------------

@@ -442,8 +442,10 @@ def test_sharded_checkpoints_under_fsdp2_are_verified(tmp_path):
         assert "'__0_0.distcp' does not match the SHA-256" in r["corrupt_resume"]
         assert r["newest"] == os.fspath(folder / "step4.ckpt") and r["skipped"][0][0] == os.fspath(folder / "last.ckpt")
         assert r["resumed_step"] == 6
+        assert r["newer_resumed_step"] == 6 and r["newer_setting"] == [7]
         assert "step4.ckpt' was not written" in r["non_finite"]
     assert r1["non_finite_tensor"] == "model.fc1.weight" and "1 NaN" in r1["non_finite"]  # the rank that holds it
+    assert r0["newer_warned"]  # rank 0 says which setting the checkpoint lacked
     assert "another rank" in r0["non_finite"]
     assert r0["poisoned_files"] == ["step2.ckpt"] and r0["poisoned_verified"] == "manifest"
     assert r0["full_files"] == ["step2.ckpt", "step2.ckpt.sha256"] and r0["full_verified"] == "sha256"

@@ -7,7 +7,8 @@ Run by ``tests/test_checkpoint_io.py`` under ``torch.distributed.run``; writes `
    once): every folder verifies against its manifest, no staging folder is left;
 2. a shard of ``last.ckpt`` gets a flipped byte: resuming from it raises ``CheckpointError`` naming the
    folder on both ranks;
-3. ``newest_verified_checkpoint`` skips it and picks ``step4.ckpt``; resuming from that reaches step 6;
+3. ``newest_verified_checkpoint`` skips it and picks ``step4.ckpt``; resuming from that reaches step 6, and so
+   does resuming it with an optimizer whose param groups carry a setting the checkpoint lacks (kept, warned);
 4. rank 1 alone holds a NaN in its shard at a save step: both ranks raise ``NonFiniteCheckpointError``
    (no rank is left waiting) and the earlier checkpoints are intact;
 5. with ``save_distributed_checkpoint=False`` the full file is written by rank 0 with its SHA-256 sidecar
@@ -89,6 +90,28 @@ def main() -> None:
     tr = trainer(out / "run3", max_steps=6, devices=2, strategy=strategy())
     tr.fit(ConfLM(optimizer="adamw", total_steps=8), ckpt_path=found.path)
     result["resumed_step"] = tr.global_step
+
+    # 3b. the running optimizer has a param-group setting the checkpoint lacks (added by a later release):
+    # the resume keeps the running value, warns, and still loads every tensor
+    class NewerLM(ConfLM):
+        def configure_optimizers(self):
+            config = super().configure_optimizers()
+            for group in self.optimizers_of(config).param_groups:
+                group["setting_added_later"] = 7
+            return config
+
+        @staticmethod
+        def optimizers_of(config):
+            return config["optimizer"] if isinstance(config, dict) else config[0][0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = trainer(out / "run3b", max_steps=6, devices=2, strategy=strategy())
+        tr.fit(NewerLM(optimizer="adamw", total_steps=8), ckpt_path=found.path)
+    result["newer_resumed_step"] = tr.global_step
+    result["newer_setting"] = sorted({g.get("setting_added_later") for g in tr.optimizers[0].param_groups})
+    result["newer_warned"] = any("setting_added_later=7" in str(w.message) for w in caught)
+    warnings.filterwarnings("ignore")
 
     poisoned = folder / "poisoned"
     try:
