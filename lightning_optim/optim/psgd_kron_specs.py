@@ -2,7 +2,7 @@
 
 The algorithm module knows nothing of the registry; :mod:`lightning_optim.builtins` splices :data:`SPECS`
 into the built-in table. The record's ``defaults`` are the class's ``__init__`` defaults (kron_torch's
-published settings live in the signature, written once); the state layout counts the factors with the same
+published settings live in the signature, written once) but for ``max_size_triangular`` (:data:`_DEFAULTS`); the state layout counts the factors with the same
 layout function the optimizer uses (:func:`~lightning_optim.optim.psgd_kron.factor_numel`) at those defaults.
 """
 
@@ -13,12 +13,18 @@ from lightning_optim.specs import OptimizerSpec, StateLayout, signature_defaults
 
 __all__ = ["SPECS"]
 
-_DEFAULTS = signature_defaults(psgd_kron.PSGDKron)[0]
+#: kron-torch 0.3.3's settings (the class signature), except ``max_size_triangular``: 2048, the earlier Kron
+#: default (kron_torch / psgd_jax before 8192), instead of 8192. With 8192 the tiny preset's 4096-token
+#: embedding and head get dense 4096×4096 factors whose d³ update took 9.1 s per optimizer step on CPU (AdamW:
+#: 0.8 ms); with 2048 that dimension gets a diagonal factor. The Llama 124M–210M matrices (768, 2048) keep
+#: triangular factors on both sides; a 50304-row vocabulary is diagonal either way. Pass
+#: ``max_size_triangular=8192`` for kron-torch's setting exactly.
+_DEFAULTS = {**signature_defaults(psgd_kron.PSGDKron)[0], "max_size_triangular": 2048}
 _LAYOUT_KEYS = ("max_size_triangular", "min_ndim_triangular", "memory_save_mode", "merge_dims")
 
 
 def _factors(shape: tuple[int, ...]) -> int:
-    """+ Σ d² (triangular factors, dims <= 8192) + Σ d (diagonal: vectors, larger dims)"""
+    """+ Σ d² (triangular factors, dims <= 2048) + Σ d (diagonal: vectors, larger dims)"""
     return psgd_kron.factor_numel(shape, **{k: _DEFAULTS[k] for k in _LAYOUT_KEYS})
 
 
