@@ -1,6 +1,7 @@
 """Bucketed, overlapped matrix exchange (``lightning_optim.optim._matrix_dist``): buckets by bytes, the recorder,
-and on 2 CPU processes (FSDP2, gloo; this file is also the torchrun script) Muon and NorMuon with one bucket per
-matrix step bit-identically to one bucket, with bucket k+1's all-to-all issued before bucket k is orthogonalised.
+and on 2 CPU processes (FSDP2, gloo; this file is also the torchrun script) Muon and NorMuon with the smallest
+buckets (one matrix per owner rank) step bit-identically to one bucket, with bucket k+1's all-to-all issued
+before bucket k is orthogonalised.
 
     torchrun --nproc_per_node=2 tests/test_matrix_overlap.py OUT_DIR
 """
@@ -35,9 +36,42 @@ def test_bucketize_closes_a_bucket_before_it_overflows_and_keeps_big_matrices_al
     assert md.bucketize(metas, bucket_mb=1e-9) == [[i] for i in range(6)]
     assert sum(2 * m.rows * m.cols for m in metas) == 4.5 * mib
     assert md.bucketize(metas) == [list(range(6))]  # BUCKET_MB (64) holds them all
+    # per owner rank: 0.5 MiB x 2 ranks, and at least one matrix per rank in every bucket but the last
+    assert md.bucketize(metas, bucket_mb=0.5, ranks=2) == [[0, 1], [2, 3], [4, 5]]
+    assert md.bucketize(metas, bucket_mb=1e-9, ranks=4) == [[0, 1, 2, 3], [4, 5]]
+    assert md.bucketize(metas, bucket_mb=1.0, ranks=3) == [[0, 1, 2], [3, 4, 5]]
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="bucket_mb must be positive"):
             md.bucketize(metas, bucket_mb=bad)
+
+
+def test_buckets_continue_one_balance():
+    """Owners are assigned bucket by bucket from the load so far: single-matrix buckets go round the ranks
+    instead of all to rank 0, and one bucket gives the unbucketed assignment."""
+    load = [0] * 4
+    assert [md.assign_owners([5], 4, load)[0] for _ in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert load == [10, 10, 5, 5]
+    costs = [9, 7, 7, 5, 3, 3, 1]
+    assert md.assign_owners(costs, 3, [0, 0, 0]) == md.assign_owners(costs, 3)
+
+
+def test_comm_model_counts_the_buckets_and_tensor_parallel_row_sums():
+    """benchmarks/comm_model.py follows the bucketing: the smallest buckets give 2 all-to-alls per bucket with the
+    same total bytes as one bucket; FSDP2 x TP adds NorMuon's row-sum all-reduce over the tp group."""
+    from benchmarks.comm_model import Shapes, optimizer_comm
+
+    mats = [(8, 4), (8, 4), (6, 4), (6, 4), (4, 4)]
+    shapes = Shapes(mats, list(mats), ["a.qkv.weight", "a.proj.weight", "m.up.weight", "m.down.weight", "m.gate.weight"])
+    one = optimizer_comm("muon", "fsdp2", shapes, 2, bucket_mb=1e6)
+    small = optimizer_comm("muon", "fsdp2", shapes, 2, bucket_mb=1e-9)
+    assert one.by_op() == {"all_to_all_single": 2}
+    assert small.by_op() == {"all_to_all_single": 2 * 3}  # buckets of 2, 2, 1 matrices
+    assert sum(c.buffer for c in small.collectives[::2]) >= one.collectives[0].buffer // 2
+    tp = optimizer_comm("normuon", "fsdp2", shapes, 4, tp=2)
+    assert tp.by_op() == {"all_to_all_single": 2, "all_reduce": 2}
+    assert tp.collectives[-1].group == 2  # row sums over the tp group
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        optimizer_comm("soap", "fsdp2", shapes, 4, tp=2)
 
 
 def test_recording_is_off_outside_the_block_and_nests():
@@ -79,7 +113,7 @@ def out(tmp_path_factory):
 def test_buckets_overlap_and_change_no_bit(out, name):
     for rec in out:
         r = rec[name]
-        assert r["bitwise"], f"{name}: one bucket per matrix changed the weights"
+        assert r["bitwise"], f"{name}: the smallest buckets changed the weights"
         assert r["buckets"] >= 4
         assert r["collectives_one"]["all_to_all_single"] == 2
         assert r["collectives_many"]["all_to_all_single"] == 2 * r["buckets"]

@@ -34,9 +34,12 @@ Owners are assigned by Newton–Schulz cost, longest first, to the least-loaded 
 4/3 of the optimal makespan), the same on every rank; an owner runs all its matrices of one shape as one
 batched call.
 
-Overlap. The ``sharded`` exchange is cut into buckets of about ``BUCKET_MB`` MiB of bf16 matrices (module
-constant, default 64; matrices in the given order, a bucket closes when the next matrix would overflow it, and a
-matrix larger than a bucket is a bucket of its own). Owners are balanced within each bucket. The all-to-alls are
+Overlap. The ``sharded`` exchange is cut into buckets of about ``BUCKET_MB`` MiB of bf16 matrices per owner
+rank (module constant, default 64: a bucket holds up to ``64 MiB × ranks``, and at least one matrix per rank so
+that every owner orthogonalises in every bucket; matrices in the given order, a bucket closes when the next
+matrix would overflow it and it already has one matrix per rank). Owners are assigned bucket by bucket, LPT within each
+bucket starting from the load of the buckets before, so each bucket is spread over the ranks and the whole step
+stays balanced (one bucket: the same owners as without bucketing). The all-to-alls are
 issued with ``async_op=True``: bucket ``k+1``'s inbound all-to-all is already in flight while bucket ``k`` is
 orthogonalised, and bucket ``k``'s return all-to-all is in flight while bucket ``k+1`` is waited on and
 orthogonalised; every return is waited on before the results are read (``B`` buckets: ``2·B`` all-to-alls, and
@@ -74,7 +77,7 @@ __all__ = ["MatrixMeta", "matrix_meta", "orthogonalize", "global_sq_norms", "row
            "shard_rows", "assign_owners", "bucketize", "recording", "BUCKET_MB"]
 
 BUCKET_MB = 64.0
-"""Target size of one exchange bucket of the ``sharded`` layout, in MiB of bf16 full matrices."""
+"""Target size of one exchange bucket of the ``sharded`` layout, in MiB of bf16 full matrices per owner rank."""
 
 Block = tuple[int, int, int, int]  # (row offset, rows, column offset, columns) in the global 2-D view
 
@@ -313,13 +316,15 @@ def batched_ns(mats: Sequence[Tensor], ns_fn: NSFn) -> list[Tensor]:
     return out
 
 
-def assign_owners(costs: Sequence[int], world: int) -> list[int]:
+def assign_owners(costs: Sequence[int], world: int, load: list[int] | None = None) -> list[int]:
     """Owner rank of each job: longest-processing-time first, each to the least-loaded rank (ties: lowest rank).
 
     Graham's LPT rule (1969): the busiest rank's load is at most ``4/3 - 1/(3·world)`` times the optimal
-    makespan. Deterministic, so every rank computes the same assignment without communicating."""
+    makespan. Deterministic, so every rank computes the same assignment without communicating. ``load``: the
+    ranks' load so far (updated in place), so consecutive buckets continue one balance instead of each
+    starting from rank 0."""
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
-    load = [0] * world
+    load = [0] * world if load is None else load
     owner = [0] * len(costs)
     for i in order:
         r = min(range(world), key=lambda k: (load[k], k))
@@ -328,17 +333,20 @@ def assign_owners(costs: Sequence[int], world: int) -> list[int]:
     return owner
 
 
-def bucketize(metas: Sequence[MatrixMeta], bucket_mb: float | None = None) -> list[list[int]]:
-    """Consecutive runs of matrix indices, each about ``bucket_mb`` MiB of bf16 full matrices (``BUCKET_MB``
-    when ``None``; a matrix larger than that is a bucket of its own). The same on every rank."""
-    limit = (BUCKET_MB if bucket_mb is None else bucket_mb) * 2 ** 20
+def bucketize(metas: Sequence[MatrixMeta], bucket_mb: float | None = None, ranks: int = 1) -> list[list[int]]:
+    """Consecutive runs of matrix indices, each about ``bucket_mb`` MiB of bf16 full matrices per owner rank
+    (``BUCKET_MB`` when ``None``), i.e. up to ``ranks × bucket_mb`` MiB in all, and at least ``ranks`` matrices
+    (but the last), so every owner has work in every bucket and Newton–Schulz runs in parallel across the
+    ranks: a bucket closes when the next matrix would overflow it and it already holds ``ranks`` matrices. The
+    same on every rank."""
+    limit = (BUCKET_MB if bucket_mb is None else bucket_mb) * 2 ** 20 * ranks
     if not limit > 0:
         raise ValueError(f"bucket_mb must be positive, got {bucket_mb!r}")
     buckets: list[list[int]] = []
     size = 0.0
     for i, m in enumerate(metas):
         nbytes = 2 * m.rows * m.cols
-        if not buckets or size + nbytes > limit:
+        if not buckets or (size + nbytes > limit and len(buckets[-1]) >= ranks):
             buckets.append([])
             size = 0.0
         buckets[-1].append(i)
@@ -346,9 +354,9 @@ def bucketize(metas: Sequence[MatrixMeta], bucket_mb: float | None = None) -> li
     return buckets
 
 
-def _owners(metas: Sequence[MatrixMeta], world: int) -> list[int]:
+def _owners(metas: Sequence[MatrixMeta], world: int, load: list[int] | None = None) -> list[int]:
     """Owners of the matrices by Newton–Schulz cost (:func:`assign_owners`), identical on every rank."""
-    return assign_owners([ns_flops(m.rows, m.cols) for m in metas], world)
+    return assign_owners([ns_flops(m.rows, m.cols) for m in metas], world, load)
 
 
 def _as_bytes(t: Tensor) -> Tensor:
@@ -390,8 +398,9 @@ def _sharded(mats: list[Tensor], metas: list[MatrixMeta], ns_fn: NSFn, bucket_mb
     # per bucket: one owner per matrix among all replicas x holder ranks; replica r handles the matrices it owns
     handled: list[list[int]] = [[] for _ in range(replicas)]
     jobs = []
-    for b in bucketize(metas, bucket_mb):
-        owner_global = _owners([metas[i] for i in b], world * replicas)
+    load = [0] * (world * replicas)  # carried from bucket to bucket: one balance over the whole step
+    for b in bucketize(metas, bucket_mb, world * replicas):
+        owner_global = _owners([metas[i] for i in b], world * replicas, load)
         for r in range(replicas):
             handled[r].extend(i for i, o in zip(b, owner_global) if o // world == r)
         mine = [(i, o % world) for i, o in zip(b, owner_global) if o // world == replica]

@@ -10,8 +10,9 @@ and gate ``ColwiseParallel`` (weights ``Shard(0)``), proj and down ``RowwisePara
 
 * ``exchange``: for every matrix parameter of the parallelised model, a random full matrix (same seed on every
   rank) cut into this rank's block, orthogonalised through :func:`orthogonalize` with the parameter's own layout
-  (``column_shards=True``), in one bucket and in buckets of one matrix: the block of the result, the block of
-  NS of the full matrix computed here, and :func:`row_mean_sq` / :func:`global_sq_norms` against the full matrix.
+  (``column_shards=True``), in one bucket and in the smallest buckets (one matrix per rank): the block of the
+  result, the block of NS of the full matrix computed here, and :func:`row_mean_sq` / :func:`global_sq_norms`
+  against the full matrix.
 * ``colwise`` (muon, normuon): the plan without the rowwise layers, K steps on the same batches on every rank;
   rank 0 saves the full weights and the same K steps in one process. The Newton–Schulz work per rank and the
   exchange's collectives (``CommCounter``) are recorded.
