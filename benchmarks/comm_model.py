@@ -15,8 +15,14 @@ Per step and per rank, for each optimizer:
     - DDP: one ``all_gather_into_tensor`` of the owners' packed bf16 results. Each rank contributes a buffer as
       wide as the *largest* owner share, so the output is ``W × max share``: once ``W`` approaches the number of
       matrices this padding dominates (the table shows it).
-    - FSDP2 (``W`` shards): two ``all_to_all_single``: row blocks to the owners (an owner receives its whole
-      matrices) and result rows back (every rank receives its rows of every matrix).
+    - FSDP2 (``W`` shards): two ``all_to_all_single`` per bucket: row blocks to the owners (an owner receives
+      its whole matrices) and result rows back (every rank receives its rows of every matrix). Buckets hold
+      about ``BUCKET_MB`` (64) MiB of bf16 matrices per rank and at least one matrix per rank
+      (``_matrix_dist.bucketize``), so up to 720M every preset is one bucket (2 all-to-alls) and the 7B–70B
+      shapes on few ranks are several (the count column shows it; the bytes are nearly those of one bucket).
+    - FSDP2 × TP (``optimizer_comm(..., tp=T)``, a ``(W/T, T)`` mesh, every matrix tensor-parallel): the same
+      exchange with all ``W`` ranks as holders of each matrix's blocks (torch's shard arithmetic), plus for
+      NorMuon one all-reduce of the rowwise (``Shard(1)``) matrices' row sums over the tp group.
     - HSDP (``R`` replicas × ``S`` shards): owners over all ``R·S`` ranks; the two all-to-alls in the shard group
       for the matrices of one's own replica, then one ``all_gather_into_tensor`` over the ``R`` replicas.
 * SOAP: DDP none (every rank computes every update); FSDP2/HSDP one all-gather per parameter
@@ -54,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_optim import param_groups  # noqa: E402
 from lightning_optim.models.gpt import Transformer, model_config  # noqa: E402
-from lightning_optim.optim._matrix_dist import assign_owners, shard_rows  # noqa: E402
+from lightning_optim.optim._matrix_dist import MatrixMeta, assign_owners, bucketize, shard_rows  # noqa: E402
 from lightning_optim.optim.newton_schulz import ns_flops  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -78,6 +84,7 @@ class Shapes:
 
     matrices: list[tuple[int, int]]
     params: list[tuple[int, ...]]
+    names: list[str] = field(default_factory=list)  # of the matrices (tensor parallelism's plan reads them)
 
     @property
     def n_params(self) -> int:
@@ -117,13 +124,14 @@ class Comm:
 
 def shapes_of(model: torch.nn.Module) -> Shapes:
     """The shapes of ``model``'s parameters as the optimizer routes them (``param_groups(split_matrices=True)``)."""
-    mats, params = [], []
+    mats, params, names = [], [], []
     for g in param_groups(model, split_matrices=True):
-        for p in g["params"]:
+        for j, p in enumerate(g["params"]):
             params.append(tuple(p.shape))
             if g["matrix"]:
                 mats.append((int(p.shape[0]), int(math.prod(p.shape[1:]))))
-    return Shapes(mats, params)
+                names.append((g.get("param_names") or [""] * len(g["params"]))[j])
+    return Shapes(mats, params, names)
 
 
 def model_shapes(name: str) -> Shapes:
@@ -142,42 +150,116 @@ def _muon_ddp(mats: list[tuple[int, int]], world: int) -> Comm:
     return Comm([Collective("all_gather_into_tensor", world, world * width, (world - 1) * width)])
 
 
-def _muon_sharded(mats: list[tuple[int, int]], shards: int, replicas: int, normuon: bool) -> Comm:
-    """Two all-to-alls in each shard group (+ the all-gather over replicas); busiest rank of the job."""
-    owner = assign_owners([ns_flops(r, c) for r, c in mats], shards * replicas)
-    rows = [shard_rows(r, shards) for r, _ in mats]
-    a2a1 = a2a1_wire = a2a2 = a2a2_wire = gather_width = 0
-    for rep in range(replicas):
-        handled = [i for i, o in enumerate(owner) if o // shards == rep]
-        for s in range(shards):
-            me = rep * shards + s
-            mine = [i for i in handled if owner[i] == me]
-            # 1) an owner receives its whole matrices; sends its rows of the others in its replica's set
-            recv1 = sum(mats[i][0] * mats[i][1] for i in mine) * 2
-            keep1 = sum(rows[i][s] * mats[i][1] for i in mine) * 2
-            sent1 = sum(rows[i][s] * mats[i][1] for i in handled) * 2 - keep1
-            # 2) every rank receives its rows of every matrix its replica handled; an owner sends the rest
-            recv2 = sum(rows[i][s] * mats[i][1] for i in handled) * 2
-            sent2 = recv1 - keep1
-            a2a1, a2a1_wire = max(a2a1, recv1), max(a2a1_wire, sent1)
-            a2a2, a2a2_wire = max(a2a2, recv2), max(a2a2_wire, sent2)
-            gather_width = max(gather_width, recv2)
-    comm = Comm([Collective("all_to_all_single", shards, a2a1, a2a1_wire),
-                 Collective("all_to_all_single", shards, a2a2, a2a2_wire)])
+def _blocks_rows(mats: list[tuple[int, int]], shards: int) -> list[list[int]]:
+    """Elements each of ``shards`` holders has of each matrix under FSDP2's ``Shard(0)`` (row blocks)."""
+    return [[n * c for n in shard_rows(r, shards)] for r, c in mats]
+
+
+def _blocks_tp(mats: list[tuple[int, int]], names: list[str], dp: int, tp: int) -> tuple[list[list[int]], list[list[int]]]:
+    """FSDP2 x TP on a ``(dp, tp)`` mesh (holder group rank ``d·tp + t``): colwise matrices (qkv, up, gate)
+    ``(_StridedShard(0, tp), Shard(0))``, rowwise ones (proj, down) ``(Shard(0), Shard(1))``, blocks from torch's
+    own shard arithmetic. Returns the elements and the local rows of every holder's block."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    numel, rows = [], []
+    for (r, c), name in zip(mats, names):
+        rowwise = name.endswith(("proj.weight", "down.weight"))
+        pl = (Shard(0), Shard(1)) if rowwise else (_StridedShard(0, split_factor=tp), Shard(0))
+        shapes = [_compute_local_shape_and_global_offset((r, c), (dp, tp), [d, t], pl)[0]
+                  for d in range(dp) for t in range(tp)]
+        numel.append([a * b for a, b in shapes])
+        rows.append([a if rowwise else 0 for a, _ in shapes])  # rows whose means need the tp group (rowwise)
+    return numel, rows
+
+
+def _muon_sharded(mats: list[tuple[int, int]], shards: int, replicas: int, normuon: bool,
+                  blocks: list[list[int]] | None = None, row_sums: list[list[int]] | None = None,
+                  tp: int = 1, bucket_mb: float | None = None) -> Comm:
+    """Two all-to-alls per bucket in each holder group (+ the all-gather over replicas); busiest rank of the job.
+
+    ``blocks[i][s]``: elements holder ``s`` has of matrix ``i`` (default: FSDP2 row blocks). Buckets and owners
+    as ``_matrix_dist._sharded``: :func:`bucketize` by bytes per owner rank, LPT per bucket with the load carried
+    over; the all-to-alls are issued pipelined (in 0, in 1, back 0, in 2, back 1, ..., back B-1), listed in that
+    order. Each collective's ``buffer`` is its largest receive buffer over the ranks; its ``wire`` is what the
+    rank sending the most over the whole step sends in it, so ``Comm.wire`` is that rank's total.
+    ``row_sums[i][s]``: rows of a column-split matrix holder ``s`` has (NorMuon's row means: one all-reduce
+    over the tp group)."""
+    blocks = blocks or _blocks_rows(mats, shards)
+    metas = [MatrixMeta(r, c, "local") for r, c in mats]
+    ranks = shards * replicas
+    load = [0] * ranks
+    ins, backs = [], []  # per bucket: receive buffer of the busiest rank, bytes each rank sends
+    gather = [0] * ranks
+    for b in bucketize(metas, bucket_mb, ranks):
+        owner = assign_owners([ns_flops(*mats[i]) for i in b], ranks, load)
+        recv_in = recv_back = 0
+        sent_in, sent_back = [0] * ranks, [0] * ranks
+        issued = False
+        for rep in range(replicas):
+            handled = [i for i, o in zip(b, owner) if o // shards == rep]
+            issued |= bool(handled)
+            for s in range(shards):
+                me = rep * shards + s
+                mine = [i for i, o in zip(b, owner) if o == me]
+                # 1) an owner receives its whole matrices; sends its blocks of the others in its replica's set
+                recv1 = sum(mats[i][0] * mats[i][1] for i in mine) * 2
+                keep1 = sum(blocks[i][s] for i in mine) * 2
+                sent_in[me] = sum(blocks[i][s] for i in handled) * 2 - keep1
+                # 2) every rank receives its block of every matrix its replica handled; an owner sends the rest
+                recv2 = sum(blocks[i][s] for i in handled) * 2
+                sent_back[me] = recv1 - keep1
+                recv_in, recv_back = max(recv_in, recv1), max(recv_back, recv2)
+                gather[me] += recv2
+        if issued:
+            ins.append((recv_in, sent_in))
+            backs.append((recv_back, sent_back))
+    # wire: the rank that sends the most over the whole step (buffers: the largest of each collective)
+    total = [sum(x[1][r] for x in ins + backs) for r in range(ranks)]
+    busiest = max(range(ranks), key=lambda r: (total[r], -r))
+    order = []
+    for k in range(len(ins)):  # pipelined issue order
+        order.append(ins[k])
+        if k:
+            order.append(backs[k - 1])
+    order += backs[-1:]
+    comm = Comm([Collective("all_to_all_single", shards, buf, sent[busiest]) for buf, sent in order])
     if replicas > 1:
-        comm.collectives.append(Collective("all_gather_into_tensor", replicas, replicas * gather_width,
-                                           (replicas - 1) * gather_width))
+        width = max(gather)
+        comm.collectives.append(Collective("all_gather_into_tensor", replicas, replicas * width,
+                                           (replicas - 1) * width))
     if normuon:
         n = len(mats) * 4
         comm.collectives.append(Collective("all_reduce", shards, n, 2 * (shards - 1) * n // shards))
+        if row_sums and any(any(r) for r in row_sums):
+            n = max(sum(r[s] for r in row_sums) for s in range(shards)) * 4
+            comm.collectives.append(Collective("all_reduce", tp, n, 2 * (tp - 1) * n // tp))
     return comm
 
 
-def optimizer_comm(optimizer: str, strategy: str, shapes: Shapes, world: int, shards: int | None = None) -> Comm:
-    """Collectives one ``optimizer.step()`` issues on ``world`` ranks (HSDP: ``shards`` per replica)."""
+def optimizer_comm(optimizer: str, strategy: str, shapes: Shapes, world: int, shards: int | None = None,
+                   tp: int = 1, bucket_mb: float | None = None) -> Comm:
+    """Collectives one ``optimizer.step()`` issues on ``world`` ranks (HSDP: ``shards`` per replica).
+
+    ``tp > 1`` (``strategy="fsdp2"``, Muon family): FSDP2 x TP on a ``(world/tp, tp)`` mesh with every matrix
+    tensor-parallel (qkv, up, gate colwise; proj, down rowwise; see :func:`_blocks_tp`): each matrix has all
+    ``world`` ranks as holders, so the exchange is the FSDP2 one with those blocks, and NorMuon adds one
+    all-reduce of the rowwise matrices' row sums over the tp group. ``bucket_mb``: the exchange's bucket size
+    (``_matrix_dist.BUCKET_MB`` when ``None``)."""
     if optimizer not in OPTIMIZERS or strategy not in STRATEGIES:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS} and strategy one of {STRATEGIES}, got "
                          f"{optimizer!r}, {strategy!r}")
+    if tp != 1:
+        if strategy != "fsdp2" or optimizer == "soap" or tp < 1 or world % tp:
+            raise ValueError(f"tensor parallelism (tp={tp}) is modelled for FSDP2 x TP with the Muon family and "
+                             f"AdamW, tp dividing the world ({world}); got {optimizer!r} under {strategy!r}")
+        if optimizer == "adamw":
+            return Comm()
+        if len(shapes.names) != len(shapes.matrices):
+            raise ValueError("tensor parallelism needs the matrices' names (shapes_of records them)")
+        numel, rows = _blocks_tp(shapes.matrices, shapes.names, world // tp, tp)
+        return _muon_sharded(shapes.matrices, world, 1, optimizer == "normuon", numel, rows, tp, bucket_mb)
     if strategy == "hsdp":
         shards = shards or min(GPUS_PER_NODE, world)
         if world % shards:
@@ -190,7 +272,7 @@ def optimizer_comm(optimizer: str, strategy: str, shapes: Shapes, world: int, sh
     if optimizer in ("muon", "normuon"):
         if strategy == "ddp":
             return _muon_ddp(shapes.matrices, world)
-        return _muon_sharded(shapes.matrices, shards, replicas, optimizer == "normuon")
+        return _muon_sharded(shapes.matrices, shards, replicas, optimizer == "normuon", bucket_mb=bucket_mb)
     # soap: one DTensor all-gather of each float32 gradient over the shard group
     if strategy == "ddp" or shards == 1:
         return Comm()
