@@ -6,7 +6,9 @@
 ``--validate`` measures, for AdamW, Muon, NorMuon and SOAP under DDP-style replicas (plain tensors), FSDP2
 (1-D mesh) and, on 4 ranks, HSDP (2 x 2 mesh), every collective one ``optimizer.step()`` issues and the
 receive-buffer bytes of the ones issued directly, on a small model with uneven row shards, and compares them
-with ``benchmarks/comm_model.py``'s prediction for the same shapes (``optimizer_comm``). Each launch adds its
+with ``benchmarks/comm_model.py``'s prediction for the same shapes (``optimizer_comm``), with the default exchange
+buckets and, for Muon/NorMuon under FSDP2/HSDP, with the smallest ones (one matrix per owner rank: several
+pipelined all-to-all pairs, buffers in issue order). Each launch adds its
 rows to ``benchmarks/results/comm_model_validation.md`` (2 ranks replace the file, 4 ranks append).
 
 The model is the 23M Llama-style GPT shape (6 layers, width 512, vocab 8192), ``fully_shard`` per block and on
@@ -128,8 +130,11 @@ class ByteCounter(DirectCounter):
 VALIDATION_CFG = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=256, block_size=16, arch="llama", mlp_hidden=71)
 
 
-def validate_one(strategy: str, name: str, world: int) -> dict:
-    """One warm-up and one measured step of ``name`` under ``strategy``; this rank's counts and buffers."""
+def validate_one(strategy: str, name: str, world: int, bucket_mb: float | None = None) -> dict:
+    """One warm-up and one measured step of ``name`` under ``strategy``; this rank's counts and buffers.
+    ``bucket_mb``: the exchange's bucket size for this run (``_matrix_dist.BUCKET_MB``; ``None``: the default)."""
+    from lightning_optim.optim import _matrix_dist
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.debug import CommDebugMode
@@ -145,15 +150,20 @@ def validate_one(strategy: str, name: str, world: int) -> dict:
         fully_shard(model, mesh=mesh)
     opt = create_optimizer(name, model)
     idx = torch.randint(0, VALIDATION_CFG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
-    for measured in (False, True):
-        model.zero_grad()
-        model(idx).float().pow(2).mean().backward()
-        if not measured:
-            opt.step()
-            continue
-        mode = CommDebugMode()
-        with ByteCounter() as direct, mode:
-            opt.step()
+    default_mb = _matrix_dist.BUCKET_MB
+    _matrix_dist.BUCKET_MB = default_mb if bucket_mb is None else bucket_mb
+    try:
+        for measured in (False, True):
+            model.zero_grad()
+            model(idx).float().pow(2).mean().backward()
+            if not measured:
+                opt.step()
+                continue
+            mode = CommDebugMode()
+            with ByteCounter() as direct, mode:
+                opt.step()
+    finally:
+        _matrix_dist.BUCKET_MB = default_mb
     functional = Counter()
     for k, v in mode.get_comm_counts().items():
         op = getattr(k, "__name__", str(k)).split(".")[0]
@@ -168,22 +178,26 @@ def validate(rank: int, world: int) -> None:
     shapes = shapes_of(Transformer(ModelConfig(**VALIDATION_CFG)))
     strategies = ["ddp", "fsdp2"] + (["hsdp"] if world == 4 else [])
     rows = []
-    for strategy in strategies:
-        for name in ("adamw", "muon", "normuon", "soap"):
-            mine = validate_one(strategy, name, world)
-            every = [None] * world
-            dist.all_gather_object(every, mine)
-            model = optimizer_comm(name, strategy, shapes, world, shards=2 if strategy == "hsdp" else None)
-            predicted = Counter()
-            for c in model.collectives:
-                predicted["all_gather_into_tensor (DTensor)" if c.op == "all_gather (DTensor)" else c.op] += 1
-            counts_ok = all(Counter(e["counts"]) == predicted for e in every)
-            direct_model = [c.buffer for c in model.collectives if "DTensor" not in c.op]
-            measured = [max(b[i][1] for b in (e["buffers"] for e in every)) for i in range(len(every[0]["buffers"]))]
-            bytes_ok = measured == direct_model
-            rows.append(f"| {world} | {strategy} | {name} | {dict(sorted(predicted.items())) or '{}'} | "
-                        f"{dict(sorted(Counter(every[0]['counts']).items())) or '{}'} | {direct_model} | {measured} | "
-                        f"{'yes' if counts_ok and bytes_ok else 'NO'} |")
+    # the default buckets (one here), then the smallest (one matrix per owner rank) for the sharded exchange
+    cases = [(s, n, None) for s in strategies for n in ("adamw", "muon", "normuon", "soap")]
+    cases += [(s, n, 1e-9) for s in strategies if s != "ddp" for n in ("muon", "normuon")]
+    for strategy, name, bucket_mb in cases:
+        mine = validate_one(strategy, name, world, bucket_mb)
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        model = optimizer_comm(name, strategy, shapes, world, shards=2 if strategy == "hsdp" else None,
+                               bucket_mb=bucket_mb)
+        predicted = Counter()
+        for c in model.collectives:
+            predicted["all_gather_into_tensor (DTensor)" if c.op == "all_gather (DTensor)" else c.op] += 1
+        counts_ok = all(Counter(e["counts"]) == predicted for e in every)
+        direct_model = [c.buffer for c in model.collectives if "DTensor" not in c.op]
+        measured = [max(b[i][1] for b in (e["buffers"] for e in every)) for i in range(len(every[0]["buffers"]))]
+        bytes_ok = measured == direct_model
+        label = strategy if bucket_mb is None else f"{strategy}, smallest buckets"
+        rows.append(f"| {world} | {label} | {name} | {dict(sorted(predicted.items())) or '{}'} | "
+                    f"{dict(sorted(Counter(every[0]['counts']).items())) or '{}'} | {direct_model} | {measured} | "
+                    f"{'yes' if counts_ok and bytes_ok else 'NO'} |")
     if rank == 0:
         out = Path(__file__).parent / "results" / "comm_model_validation.md"
         head = ("`benchmarks/comm_model.py` against `torchrun --nproc_per_node=N benchmarks/comm_count.py --validate` "
