@@ -208,9 +208,11 @@ def test_preset_from_models_matches_the_module() -> None:
 def test_state_every_fsdp2_rank_keeps_whole_is_not_divided() -> None:
     """SOAP gathers the gradient and keeps its full state on every rank; Dion's right factor Q is replicated
     while its momentum is a row shard; AdamW's state is sharded like the parameters."""
-    one = {name: estimate_memory(name, preset="tiny", vocab_size=256) for name in ("soap", "dion", "adamw")}
+    one = {name: estimate_memory(name, preset="tiny", vocab_size=256)
+           for name in ("soap", "shampoo", "psgd-kron", "dion", "adamw")}
     four = {name: estimate_memory(name, preset="tiny", vocab_size=256, shard=4) for name in one}
-    assert four["soap"].state == one["soap"].state
+    for gathered in ("soap", "shampoo", "psgd-kron"):  # gradient gathered, full state on every rank
+        assert four[gathered].state == one[gathered].state
     assert four["soap"].parameters == one["soap"].parameters / 4
     dion_one, dion_four = one["dion"].state, four["dion"].state
     assert dion_four["matrix shape-dependent"] == dion_one["matrix shape-dependent"] > 0

@@ -31,7 +31,7 @@ def _factors(shape: tuple[int, ...]) -> int:
 SPECS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
         name="psgd-kron", factory=psgd_kron.PSGDKron, defaults=_DEFAULTS, family="matrix",
-        state=StateLayout(1, extra=_factors, names=("momentum_buffer",)),
+        state=StateLayout(1, extra=_factors, names=("momentum_buffer",), replicated="all"),
         routing="every parameter follows the same rule: one Kronecker factor per dimension of its work shape "
         "(> 2 dims merged to a matrix), triangular for dims <= max_size_triangular of tensors with >= "
         "min_ndim_triangular dims, diagonal otherwise (vectors, 0-d, larger dims, memory_save_mode)",

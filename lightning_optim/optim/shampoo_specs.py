@@ -25,7 +25,7 @@ SPECS: tuple[OptimizerSpec, ...] = (
     OptimizerSpec(
         name="shampoo", factory=shampoo.Shampoo, defaults=_DEFAULTS, family="matrix",
         # exp_avg (beta1 > 0) and the grafting Adam's second moment, then the blocked factors and roots
-        state=StateLayout(2, extra=_shampoo_factors, names=("exp_avg", "grafting_exp_avg_sq")),
+        state=StateLayout(2, extra=_shampoo_factors, names=("exp_avg", "grafting_exp_avg_sq"), replicated="all"),
         routing="every parameter follows the same rule: blocks of at most max_preconditioner_dim per side, "
         "one factor per side (1-D blocks: a full d×d factor; precondition_1d=False: the grafting Adam alone)",
         paper="Gupta et al. 2018, Shampoo: Preconditioned Stochastic Tensor Optimization (arXiv 1802.09568); "
