@@ -28,6 +28,7 @@ Schedules are the dataclasses of :mod:`lightning_optim.schedules`; their default
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Callable, Mapping
 
@@ -75,12 +76,14 @@ def optimizer(
     overrides: Mapping[str, Any] | None = None,
     hidden: tuple[str, ...] = (),
     defaults: Mapping[str, Any] | None = None,
+    factory_options: tuple[str, ...] = (),
     **fields: Any,
 ) -> OptimizerSpec:
-    """One built-in record: ``defaults`` = ``cls``'s signature defaults, without ``hidden`` names, updated
-    with ``overrides``; or, for a class that cannot be imported here (``cls=None``), ``defaults`` in full.
-    ``factory`` defaults to ``cls``. Raises ``ValueError`` naming the record for an override that restates
-    the signature or names a hyperparameter the class does not take."""
+    """One built-in record: ``defaults`` = ``cls``'s signature defaults, without ``hidden`` names, plus the
+    ``factory_options`` the factory adds (with the factory's defaults: ``adamw``/``adam`` take ``cautious``),
+    updated with ``overrides``; or, for a class that cannot be imported here (``cls=None``), ``defaults`` in
+    full. ``factory`` defaults to ``cls``. Raises ``ValueError`` naming the record for an override that
+    restates the signature or names a hyperparameter the class does not take."""
     if cls is None:
         if defaults is None or factory is None:
             raise ValueError(f"built-in {name!r}: without a class, give its factory and its defaults in full")
@@ -88,6 +91,12 @@ def optimizer(
     if defaults is not None:
         raise ValueError(f"built-in {name!r}: defaults come from {cls.__name__}'s signature; give overrides")
     signature, _ = signature_defaults(cls)
+    factory_params = inspect.signature(factory).parameters if factory is not None else {}
+    for key in factory_options:
+        if key in signature or key not in factory_params:
+            raise ValueError(f"built-in {name!r}: factory option {key!r} must be a parameter of the factory, "
+                             f"not of {cls.__name__}")
+        signature[key] = factory_params[key].default
     for key in hidden:
         if key not in signature:
             raise ValueError(f"built-in {name!r}: hidden {key!r} is not a parameter of {cls.__name__}")
@@ -144,7 +153,7 @@ _MUON_FAMILY = dict(
 OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     # torch.optim ------------------------------------------------------------------------------------------
     optimizer(
-        "adamw", torch.optim.AdamW, factory=torch_builtin.adamw,
+        "adamw", torch.optim.AdamW, factory=torch_builtin.adamw, factory_options=("cautious",),
         overrides={"weight_decay": 0.1},
         state=_ADAM_STATE,
         paper="Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization (arXiv 1711.05101)",
@@ -153,7 +162,7 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
         aliases=("adam-w",),
     ),
     optimizer(
-        "adam", torch.optim.Adam, factory=torch_builtin.adam,
+        "adam", torch.optim.Adam, factory=torch_builtin.adam, factory_options=("cautious",),
         hidden=("decoupled_weight_decay",),  # that switch is `adamw`; here weight_decay stays L2
         state=_ADAM_STATE,
         paper="Kingma & Ba 2015, Adam: A Method for Stochastic Optimization (arXiv 1412.6980)",
