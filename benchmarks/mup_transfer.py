@@ -231,7 +231,7 @@ def write_report(records: dict[str, dict], cfg: TransferConfig, optimizers: list
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.5 * 2, 3.6 * len(optimizers)))
-    axes = fig.subplots(len(optimizers), 2, squeeze=False)
+    axes = fig.subplots(len(optimizers), 2, squeeze=False, sharey="row")  # SP and muP losses on one scale
     for row, name in enumerate(optimizers):
         for col, mup in enumerate((False, True)):
             ax = axes[row][col]
