@@ -155,7 +155,8 @@ def _blocks_rows(mats: list[tuple[int, int]], shards: int) -> list[list[int]]:
     return [[n * c for n in shard_rows(r, shards)] for r, c in mats]
 
 
-def _blocks_tp(mats: list[tuple[int, int]], names: list[str], dp: int, tp: int) -> tuple[list[list[int]], list[list[int]]]:
+def _blocks_tp(mats: list[tuple[int, int]], names: list[str], dp: int,
+               tp: int) -> tuple[list[list[int]], list[list[int]]]:
     """FSDP2 x TP on a ``(dp, tp)`` mesh (holder group rank ``d·tp + t``): colwise matrices (qkv, up, gate)
     ``(_StridedShard(0, tp), Shard(0))``, rowwise ones (proj, down) ``(Shard(0), Shard(1))``, blocks from torch's
     own shard arithmetic. Returns the elements and the local rows of every holder's block."""

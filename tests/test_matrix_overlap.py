@@ -61,7 +61,8 @@ def test_comm_model_counts_the_buckets_and_tensor_parallel_row_sums():
     from benchmarks.comm_model import Shapes, optimizer_comm
 
     mats = [(8, 4), (8, 4), (6, 4), (6, 4), (4, 4)]
-    shapes = Shapes(mats, list(mats), ["a.qkv.weight", "a.proj.weight", "m.up.weight", "m.down.weight", "m.gate.weight"])
+    names = ["a.qkv.weight", "a.proj.weight", "m.up.weight", "m.down.weight", "m.gate.weight"]
+    shapes = Shapes(mats, list(mats), names)
     one = optimizer_comm("muon", "fsdp2", shapes, 2, bucket_mb=1e6)
     small = optimizer_comm("muon", "fsdp2", shapes, 2, bucket_mb=1e-9)
     assert one.by_op() == {"all_to_all_single": 2}
