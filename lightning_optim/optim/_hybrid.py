@@ -196,8 +196,8 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
         return [(m.cols, m.rows) if f else (m.rows, m.cols) for f, m in zip(flags, metas)]
 
     def routing_table(self) -> list[dict[str, Any]]:
-        """One row per parameter: name, shape, rule (``matrix``/``adamw``), group name, lr, weight decay and
-        whether it is stored transposed (HF ``Conv1D``)."""
+        """One row per parameter: name, shape, rule (``matrix``/``adamw``), group name, lr, weight decay,
+        whether it is stored transposed (HF ``Conv1D``) and the group's muP ``lr_multiplier`` (1 without muP)."""
         rows = []
         for gi, g in enumerate(self.param_groups):
             names = g.get("param_names") or [f"{g.get('name', gi)}[{i}]" for i in range(len(g["params"]))]
@@ -205,7 +205,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
             for n, p, t in zip(names, g["params"], flags):
                 rows.append({"name": n, "shape": tuple(p.shape), "rule": "matrix" if g["matrix"] else "adamw",
                              "group": g.get("name", str(gi)), "lr": g["lr"], "weight_decay": g["weight_decay"],
-                             "transposed": bool(t)})
+                             "transposed": bool(t), "lr_multiplier": g.get("lr_multiplier", 1.0)})
         return rows
 
     def _meta(self, p: Tensor) -> MatrixMeta:
