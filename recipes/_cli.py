@@ -14,7 +14,8 @@ Groups: ``--model.*`` (LanguageModel), ``--data.*`` (TokenDataModule), ``--optim
 betas, eps, weight_decay, momentum, nesterov, extra, scheduler, warmup_steps, mup_base_width ...), ``--trainer.*``,
 ``--checkpoint.*`` (ModelCheckpoint: every 500 steps, keep the last 3, plus ``last.ckpt``),
 ``--nonfinite.*`` / ``--spike.*`` / ``--clipping.*`` / ``--norms.*`` (the stability callbacks, on by default;
-``--<group>.enabled false`` switches one off), ``--lr_monitor.*``, ``--throughput.*`` (tokens/s and MFU),
+``--<group>.enabled false`` switches one off), ``--qk_clip.*`` (QK-clip, off unless ``--qk_clip.enabled true``),
+``--lr_monitor.*``, ``--throughput.*`` (tokens/s and MFU),
 ``--ckpt_path`` (a path, or ``last``), ``--max_warmup_fraction``, ``--dist_timeout``.
 
 How optimizer settings are layered (registry defaults → recipe → YAML → flags): see :mod:`_layering`.
@@ -50,6 +51,7 @@ from lightning_optim.callbacks.gradient_clipping import GradientClipping  # noqa
 from lightning_optim.callbacks.layer_norms import LayerNormMonitor  # noqa: E402
 from lightning_optim.callbacks.loss_spike import LossSpikeDetector  # noqa: E402
 from lightning_optim.callbacks.non_finite import NonFiniteGuard  # noqa: E402
+from lightning_optim.callbacks.qk_clip import QKClip  # noqa: E402
 from lightning_optim.callbacks.step_progress import StepProgressBar  # noqa: E402
 from lightning_optim.checkpoint_io import VerifiedCheckpointIO  # noqa: E402
 from lightning_optim.data.datamodule import TokenDataModule, batch_geometry  # noqa: E402
@@ -101,6 +103,11 @@ STABILITY = {
     "clipping": (GradientClipping, {}),
     "norms": (LayerNormMonitor, {}),
 }
+# Opt-in callbacks: listed like the stability groups but off unless --<group>.enabled true.
+# QK-clip (Kimi K2's MuonClip rule): --qk_clip.enabled true --qk_clip.threshold 100
+OPT_IN = {
+    "qk_clip": (QKClip, {"enabled": False}),
+}
 
 
 class ConfigError(ValueError):
@@ -150,7 +157,7 @@ class RecipeCLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.block_size")
         parser.link_arguments("data", "model.tokenizer_vocab_size", compute_fn=lambda dm: dm.vocab_size,
                               apply_on="instantiate")
-        for group, (cls, _) in STABILITY.items():
+        for group, (cls, _) in {**STABILITY, **OPT_IN}.items():
             parser.add_lightning_class_args(cls, group)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -163,7 +170,7 @@ class RecipeCLI(LightningCLI):
             "optim.name": recipe["optimizer"], "optim.warmup_steps": recipe["warmup_steps"],
             "clipping.max_norm": recipe["max_grad_norm"], "norms.every_n_steps": recipe["norms_every_n_steps"],
         }
-        for group, (_, values) in STABILITY.items():
+        for group, (_, values) in {**STABILITY, **OPT_IN}.items():
             defaults.update({f"{group}.{k}": v for k, v in values.items()})
         for group in ("model", "data"):
             defaults.update({f"{group}.{k}": v for k, v in recipe.get(group, {}).items()})
@@ -247,6 +254,15 @@ class RecipeCLI(LightningCLI):
         if timeout is not None:
             trainer.strategy._timeout = timedelta(seconds=float(config.dist_timeout))
         return trainer
+
+    def instantiate_classes(self) -> None:
+        """A setting a class refuses when it is built (``--spike.threshold -1``, ``--qk_clip.threshold 0``) is a
+        configuration error too: reported once, exit 2, before any process starts."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def after_instantiate_classes(self) -> None:
         trainer, dm, model = self.trainer, self.datamodule, self.model

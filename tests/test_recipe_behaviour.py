@@ -195,3 +195,24 @@ def test_print_config_shows_the_effective_settings(capsys):
     assert optim["name"] == "lion" and optim["lr"] == 1e-3 and optim["betas"] == [0.9, 0.99]
     assert optim["eps"] is None  # the recipe's AdamW eps does not leak into Lion
     assert optim["warmup_steps"] == 10 and optim["scheduler"] == "cosine"  # capped to a quarter of 40 steps
+
+
+def test_qk_clip_is_off_by_default_and_clips_when_enabled(cache, in_tmp):
+    from lightning_optim.callbacks import QKClip
+
+    cli = run_recipe(TINY, cheap_cell(cache))
+    assert not any(isinstance(cb, QKClip) for cb in cli.trainer.callbacks)
+    # a threshold far below the tiny model's logits: every step clips some heads, and the run still trains
+    cli = run_recipe(TINY, [*cheap_cell(cache), "--qk_clip.enabled", "true", "--qk_clip.threshold", "0.05"])
+    clip = next(cb for cb in cli.trainer.callbacks if isinstance(cb, QKClip))
+    assert clip.clipper.threshold == 0.05
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["train/qk_clipped_heads"]) > 0 and torch.isfinite(metrics["train/loss"])
+
+
+def test_a_setting_a_callback_refuses_is_a_configuration_error(cache, in_tmp, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe(TINY, [*cheap_cell(cache), "--spike.threshold", "-1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "threshold must be > 0" in err and "Traceback" not in err
