@@ -25,11 +25,11 @@ from tests._trajectory import gradient, max_diff, run_optimizer, run_reference
 STEPS = 24
 
 #: registry names that take ``cautious`` (adamw/adam: through their factories, see test_adamw_adam_factories)
-TAKES = ("lion", "signum", "adopt", "ademamix", "mars", "prodigy", "stable-adamw", "lamb", "muon", "d-muon",
-         "normuon")
+TAKES = ("adamw", "adam", "lion", "signum", "adopt", "ademamix", "mars", "prodigy", "stable-adamw", "lamb", "muon",
+         "d-muon", "normuon", "adamuon")
 #: names with no published cautious form (or no cautious path here): the registry refuses the key
 REFUSES = ("sf-adamw", "sf-normuon", "adafactor", "sgd", "soap", "sophia", "galore", "apollo", "apollo-mini", "scion",
-           "adalayer", "adam-mini", "adamw8bit")
+           "adalayer", "adam-mini", "adamw8bit", "shampoo", "psgd-kron", "dion")
 
 
 def caution(u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
