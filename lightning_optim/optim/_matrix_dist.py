@@ -487,7 +487,8 @@ class _Bucket:
                 if nr and nc:
                     whole[r0: r0 + nr, c0: c0 + nc] = x.view(nr, nc)
             full.append(whole)
-        results = batched_ns(full, ns_fn)
+        with torch.profiler.record_function(f"matrix_dist.newton_schulz[bucket {k}]"):  # named in profiler traces
+            results = batched_ns(full, ns_fn)
         _record("ns", k)
         back = []
         for s in range(self.world):
