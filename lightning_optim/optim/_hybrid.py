@@ -58,6 +58,7 @@ from torch.optim.adamw import adamw as _adamw_functional
 from lightning_optim.optim._cautious import check_cautious
 from lightning_optim.optim._closure import evaluate_closure
 from lightning_optim.optim._low_precision import check_state_dtype, mix_seed, sr_copy_, state_torch_dtype, up
+from lightning_optim._dtensor import rows_placements
 from lightning_optim.optim._matrix_dist import DTensor, MatrixMeta, local, matrix_meta, orthogonalize
 from lightning_optim.optim.newton_schulz import newton_schulz, resolve_coefficients
 from lightning_optim.optim.torch_builtin import adam_foreach_, fused_supported
@@ -78,10 +79,11 @@ _ADAMW_KEYS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
 
 
 def state_like_rows(p: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A zero ``rows × 1`` state tensor for parameter ``p``, a DTensor shard laid out like ``p`` if ``p`` is one."""
+    """A zero ``rows × 1`` state tensor for parameter ``p``; for a DTensor, split like ``p``'s rows (column
+    splits become ``Replicate()``: ranks holding other columns of the same rows hold the same values)."""
     if isinstance(p, DTensor):
         loc = torch.zeros(p._local_tensor.shape[0], 1, dtype=dtype, device=p._local_tensor.device)
-        return DTensor.from_local(loc, p.device_mesh, p.placements, run_check=False,
+        return DTensor.from_local(loc, p.device_mesh, rows_placements(tuple(p.placements)), run_check=False,
                                   shape=torch.Size((p.shape[0], 1)), stride=(1, 1))
     return torch.zeros(p.shape[0], 1, dtype=dtype, device=p.device)
 
@@ -93,7 +95,13 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
     ``distributed``: ``None`` (auto: plain tensors on ``world > 1`` ranks are DDP replicas and share the
     Newton–Schulz work; DTensor shards are always orthogonalised once across ranks) or ``False`` (every rank
     orthogonalises all its plain matrices itself).
+
+    ``column_shards``: a subclass whose update handles column blocks (tensor-parallel ``Shard(1)``: only global
+    dimensions, or rows and norms completed with ``row_mean_sq``/``global_sq_norms``) sets it ``True``; for the
+    others such parameters are refused when the optimizer is built.
     """
+
+    column_shards = False
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, adamw_lr: float | None, adamw_betas: tuple,
                  adamw_eps: float, adamw_weight_decay: float | None, distributed: bool | None = None) -> None:
@@ -156,7 +164,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
             names = group.get("param_names") or [None] * len(ps)
             for i, p in enumerate(ps):
                 label = names[i] or f"{group.get('name', 'matrix')}[{i}] shape {tuple(p.shape)}"
-                self._metas[id(p)] = matrix_meta(p, label, self._distributed)
+                self._metas[id(p)] = matrix_meta(p, label, self._distributed, column_shards=self.column_shards)
             resolve_coefficients(group.get("ns_coefficients", self.defaults.get("ns_coefficients", "jordan")),
                                  group.get("ns_steps", self.defaults.get("ns_steps", 5)))
         super().add_param_group(group)
@@ -211,7 +219,8 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
     def _meta(self, p: Tensor) -> MatrixMeta:
         meta = self._metas.get(id(p))
         if meta is None:
-            meta = self._metas[id(p)] = matrix_meta(p, f"shape {tuple(p.shape)}", self._distributed)
+            meta = self._metas[id(p)] = matrix_meta(p, f"shape {tuple(p.shape)}", self._distributed,
+                                                    column_shards=self.column_shards)
         return meta
 
     # -- the step -------------------------------------------------------------------------------------------
@@ -286,7 +295,7 @@ class HybridMatrixOptimizer(torch.optim.Optimizer):
                     self._init_matrix_state(p, state, group)
             u = self._ns_inputs(group, ps) if ps else []
             metas = [self._meta(p) for p in ps]
-            views = [x.reshape(x.shape[0], m.cols) for x, m in zip(u, metas)]
+            views = [x.reshape(m.local_shape) for x, m in zip(u, metas)]
             per_group.append((group, ps, metas))
             mats.append(views)
             key = repr((group["ns_steps"], group["ns_coefficients"], group.get("ns_eps", 1e-7)))

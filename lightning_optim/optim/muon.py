@@ -81,6 +81,8 @@ class Muon(HybridMatrixOptimizer):
             the internal AdamW becomes C-AdamW; weight decay is not masked (see ``_hybrid``).
     """
 
+    column_shards = True  # the update reads only the global (rows, cols): column blocks (TP Shard(1)) step as they are
+
     def __init__(self, params: Any, lr: float = 0.01, weight_decay: float = 0.0, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, ns_coefficients: Any = "jordan",
                  adjust_lr: str | None = "original", eps: float = 1e-7, adamw_lr: float | None = 1e-3,

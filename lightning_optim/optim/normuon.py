@@ -38,17 +38,24 @@ from torch import Tensor
 
 from lightning_optim.optim._cautious import cautious_, check_cautious
 from lightning_optim.optim._hybrid import HybridMatrixOptimizer, state_like_rows
-from lightning_optim.optim._matrix_dist import MatrixMeta, global_sq_norms, local
+from lightning_optim.optim._matrix_dist import MatrixMeta, global_sq_norms, local, row_mean_sq
 
 __all__ = ["NorMuon", "row_normalize"]
 
 _ADJUST = ("paper", "official")
 
 
-def row_normalize(O: list[Tensor], v: list[Tensor], beta2: float, eps: float) -> list[Tensor]:
-    """``v ← β2·v + (1-β2)·mean(O², -1)`` in place; returns ``O / (sqrt(v)+eps)`` (O are fp32 ``rows × cols``)."""
-    mean_sq = [o.square().mean(dim=-1, keepdim=True) if o.shape[0] else torch.zeros_like(vv)
-               for o, vv in zip(O, v)]
+def row_normalize(O: list[Tensor], v: list[Tensor], beta2: float, eps: float,
+                  metas: list[MatrixMeta] | None = None) -> list[Tensor]:
+    """``v ← β2·v + (1-β2)·mean(O², -1)`` in place; returns ``O / (sqrt(v)+eps)`` (O are fp32 ``rows × cols``).
+
+    With ``metas``, the mean is over each whole row (``row_mean_sq``: column blocks of a tensor-parallel
+    ``Shard(1)`` matrix are summed across their ranks)."""
+    if metas is not None:
+        mean_sq = row_mean_sq(O, metas)
+    else:
+        mean_sq = [o.square().mean(dim=-1, keepdim=True) if o.shape[0] else torch.zeros_like(vv)
+                   for o, vv in zip(O, v)]
     torch._foreach_lerp_(v, mean_sq, 1.0 - beta2)
     den = torch._foreach_sqrt(v)
     torch._foreach_add_(den, eps)
@@ -74,6 +81,8 @@ class NorMuon(HybridMatrixOptimizer):
     ``cautious=True``: the applied update ``s·Ô`` (row-normalised, scaled) is masked where it disagrees with
     ``p.grad`` and rescaled by the mask's mean (C-Muon's rule on NorMuon's final update; ``s`` is computed from the
     unmasked ``Ô``); the internal AdamW becomes C-AdamW (see ``_hybrid``)."""
+
+    column_shards = True  # per-row moments and norms are completed across column blocks (row_mean_sq, global_sq_norms)
 
     def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, beta2: float = 0.95, eps: float = 1e-10, ns_steps: int = 5,
@@ -114,7 +123,7 @@ class NorMuon(HybridMatrixOptimizer):
         O = [o.float().t() if f else o.float() for o, f in zip(ortho, flip)]
         metas = [dataclasses.replace(m, rows=m.cols, cols=m.rows) if f else m for m, f in zip(metas, flip)]
         v = [local(self.state[p]["v"]) for p in ps]
-        Oh = row_normalize(O, v, group["beta2"], group["eps"])
+        Oh = row_normalize(O, v, group["beta2"], group["eps"], metas)
         Oh = [o.t() if f else o for o, f in zip(Oh, flip)]
         O = [o.t() if f else o for o, f in zip(O, flip)]
         scales = normuon_scales(O, Oh, metas, group["adjust_lr"])

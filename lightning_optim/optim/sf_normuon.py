@@ -62,6 +62,8 @@ class SFNorMuon(ScheduleFreeModes, HybridMatrixOptimizer):
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                          adamw_weight_decay=adamw_weight_decay, distributed=distributed)
 
+    column_shards = True  # rows and norms completed across column blocks, as NorMuon
+
     def _check_mode(self) -> None:
         self._require_train_mode()
 
@@ -102,7 +104,7 @@ class SFNorMuon(ScheduleFreeModes, HybridMatrixOptimizer):
         # rows are output neurons on the (out, in) view, for nn.Linear and HF Conv1D (stored (in, out)) alike
         P = [o.float().t() if f else o.float() for o, f in zip(ortho, flip)]
         metas = [dataclasses.replace(m, rows=m.cols, cols=m.rows) if f else m for m, f in zip(metas, flip)]
-        Ph = row_normalize(P, v, beta2, group["eps"])
+        Ph = row_normalize(P, v, beta2, group["eps"], metas)
         Ph = [o.t() if f else o for o, f in zip(Ph, flip)]
         P = [o.t() if f else o for o, f in zip(P, flip)]
         scales = normuon_scales(P, Ph, metas, "paper")

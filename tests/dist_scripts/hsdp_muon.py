@@ -131,13 +131,14 @@ def lightning_run(out: Path, record: dict) -> None:
 
 
 def refusal(mesh) -> list[str]:
-    """Tensor-parallel layouts, ``(Replicate(), Shard(1))`` on the 2-D mesh and ``Shard(1)`` (RowwiseParallel)
-    on its 1-D shard sub-mesh: each refused when the optimizer is built."""
+    """Layouts the matrix rule cannot assemble: a convolution weight (4-D, viewed ``out x in·kh·kw``) split along
+    its input channels, ``(Replicate(), Shard(1))`` on the 2-D mesh and ``Shard(1)`` on its 1-D shard sub-mesh:
+    each refused when the optimizer is built (tensor-parallel ``Shard(1)`` matrices are tests/test_tp.py's)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     messages = []
     for m, placements in ((mesh, (Replicate(), Shard(1))), (mesh["shard"], (Shard(1),))):
-        layer = torch.nn.Linear(8, 6, bias=False)
+        layer = torch.nn.Conv2d(4, 6, 2, bias=False)
         layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), m, placements))
         try:
             create_optimizer("muon", [{"params": [("tp.weight", layer.weight)], "matrix": True}])
