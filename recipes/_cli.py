@@ -51,6 +51,7 @@ from lightning_optim.callbacks.gradient_clipping import GradientClipping  # noqa
 from lightning_optim.callbacks.layer_norms import LayerNormMonitor  # noqa: E402
 from lightning_optim.callbacks.loss_spike import LossSpikeDetector  # noqa: E402
 from lightning_optim.callbacks.non_finite import NonFiniteGuard  # noqa: E402
+from lightning_optim.models.gpt import model_config  # noqa: E402
 from lightning_optim.callbacks.qk_clip import QKClip  # noqa: E402
 from lightning_optim.callbacks.step_progress import StepProgressBar  # noqa: E402
 from lightning_optim.checkpoint_io import VerifiedCheckpointIO  # noqa: E402
@@ -226,6 +227,10 @@ class RecipeCLI(LightningCLI):
             rank_zero_info(message)
         check = OptimConfig(**{**layered, "total_steps": layered.get("total_steps") or horizon})
         del check  # constructing it validated every field (names, ranges, the schedule against the horizon)
+        if layered.get("mup_base_width") is not None:  # the model's muP checks (n_head divides the base width,
+            m = config.model                           # RoPE's even head_dim) before the data is built
+            model_config(m.preset, m.arch, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
+                         mlp_hidden=m.mlp_hidden, mup_base_width=layered["mup_base_width"])
         for key, value in layered.items():
             config.optim[key] = value
         if config.dist_timeout <= 0:

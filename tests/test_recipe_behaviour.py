@@ -216,3 +216,19 @@ def test_a_setting_a_callback_refuses_is_a_configuration_error(cache, in_tmp, ca
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "threshold must be > 0" in err and "Traceback" not in err
+
+
+def test_a_mup_base_width_the_model_cannot_take_is_refused_before_the_data_is_built(cache, in_tmp, capsys):
+    from lightning_optim.data import datamodule
+
+    built = []
+    original = datamodule.TokenDataModule.setup
+    datamodule.TokenDataModule.setup = lambda self, *a, **k: built.append(1) or original(self, *a, **k)
+    try:
+        with pytest.raises(SystemExit) as exit_info:  # tiny: 6 heads, and 64 is not a multiple of 6
+            run_recipe(TINY, [*cheap_cell(cache), "--model.n_embd", "48", "--model.n_head", "6",
+                                 "--optim.mup_base_width", "64"])
+    finally:
+        datamodule.TokenDataModule.setup = original
+    assert exit_info.value.code == 2 and not built
+    assert "mup_base_width=64 is not divisible by n_head=6" in capsys.readouterr().err
