@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
-__all__ = ["DTensor", "Replicate", "Shard", "is_dtensor", "is_sharded", "local", "shard_dim", "rows_placements"]
+__all__ = ["DTensor", "Replicate", "Shard", "is_dtensor", "is_sharded", "local", "local_slice", "shard_dim",
+           "rows_placements"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -51,3 +52,14 @@ def local(t: Tensor) -> Tensor:
     """The data this rank holds: a ``DTensor``'s local shard (a view sharing storage, so in-place writes
     reach the ``DTensor``), the tensor itself otherwise."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_slice(full: Tensor, p: Tensor) -> Tensor:
+    """The part of ``full`` (a tensor of ``p``'s global shape, the same on every rank) that the DTensor ``p`` holds
+    on this rank, by torch's own shard arithmetic (``compute_local_shape_and_global_offset``): what SOAP, Shampoo
+    and PSGD-Kron apply after computing a full update from a gathered gradient. Contiguous blocks only: the
+    optimizers that use it run on ``Shard``/``Replicate`` layouts (FSDP2, HSDP, TP), not ``_StridedShard``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]

@@ -83,7 +83,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from lightning_optim._dtensor import is_dtensor
+from lightning_optim._dtensor import is_dtensor, local_slice
 from lightning_optim.optim._closure import evaluate_closure
 
 __all__ = [
@@ -264,14 +264,6 @@ def balance_factors(qs: list[Tensor]) -> None:
     mean = norms.log().mean().exp()
     for q, n in zip(qs, norms):
         q.mul_(mean / n)
-
-
-def _local_slice(full: Tensor, p: Tensor) -> Tensor:
-    """The part of a full-shape tensor that the DTensor ``p`` holds on this rank."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -455,7 +447,7 @@ class PSGDKron(torch.optim.Optimizer):
     def _apply(p: Tensor, u: Tensor, lr: float, wd: float) -> None:
         """``x ← x - lr·(u + wd·x)`` on the parameter (its local shard for a DTensor; in float32 for bf16)."""
         if is_dtensor(p):
-            u = _local_slice(u, p)
+            u = local_slice(u, p)
             target = p.to_local()
         else:
             target = p

@@ -85,9 +85,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from lightning_optim._dtensor import is_dtensor
+from lightning_optim._dtensor import is_dtensor, local_slice
 from lightning_optim.optim._closure import evaluate_closure
-from lightning_optim.optim.soap import _local_slice
 
 __all__ = ["Shampoo", "shampoo_work_shape", "shampoo_blocks", "shampoo_state_numel"]
 
@@ -445,7 +444,7 @@ class Shampoo(torch.optim.Optimizer):
     def _apply(p: Tensor, direction: Tensor, lr: float, weight_decay: float) -> None:
         """``W ← W - lr·(P + λ·W)`` on the part of ``W`` this rank holds (float32 arithmetic for bf16/fp16)."""
         if is_dtensor(p):
-            direction = _local_slice(direction, p)
+            direction = local_slice(direction, p)
             target = p.to_local()
         else:
             target = p

@@ -77,7 +77,7 @@ import torch
 from torch import Tensor
 
 from lightning_optim.optim._closure import evaluate_closure
-from lightning_optim._dtensor import is_dtensor as _is_dtensor
+from lightning_optim._dtensor import is_dtensor as _is_dtensor, local_slice
 
 
 __all__ = ["SOAP", "soap_work_shape"]
@@ -237,14 +237,6 @@ def _stacks(mats: list[Tensor]):
 
 # ---------------------------------------------------------------------------------------------------------
 # DTensor (FSDP2) helpers
-
-
-def _local_slice(full: Tensor, p: Tensor) -> Tensor:
-    """The part of a full-shape tensor that ``p`` (a DTensor) holds on this rank."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
 
 
 class SOAP(torch.optim.Optimizer):
@@ -466,7 +458,7 @@ class SOAP(torch.optim.Optimizer):
         targets, sources, writeback = [], [], []
         for p, u in zip(params, upd):
             if _is_dtensor(p):
-                u = _local_slice(u.reshape(p.shape), p)
+                u = local_slice(u.reshape(p.shape), p)
                 t = p.to_local()
             else:
                 u = u.reshape(p.shape)
