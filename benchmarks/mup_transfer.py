@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.compare import _write_json, load_done  # noqa: E402  (one resumable-run format for both harnesses)
 
 
 @dataclass
@@ -135,25 +136,6 @@ def train_one(cfg: TransferConfig, optimizer: str, mup: bool, width: int, lr: fl
             "lr": lr, "status": status, "val_loss": val, "train_loss_last10": sum(train[-10:]) / max(len(train[-10:]), 1),
             "train": train[::5], "n_params": model.num_parameters(), "wall_s": time.perf_counter() - started,
             "fingerprint": cfg.fingerprint(), "config": dataclasses.asdict(cfg), "torch_threads": torch.get_num_threads()}
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)  # atomic: a run is finished (JSON present) or not
-
-
-def load_done(runs_dir: Path, cfg: TransferConfig) -> dict[str, dict[str, Any]]:
-    done = {}
-    for p in sorted(runs_dir.glob("*.json")):
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if rec.get("fingerprint") == cfg.fingerprint():
-            done[rec["run"]] = rec
-    return done
 
 
 # ------------------------------------------------------------------------------------------------------------
