@@ -49,6 +49,7 @@ the published counts), built on the meta device and routed by ``param_groups(spl
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -61,10 +62,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_optim import param_groups  # noqa: E402
 from lightning_optim.models.gpt import Transformer, model_config  # noqa: E402
 from lightning_optim.optim._matrix_dist import MatrixMeta, assign_owners, bucketize, shard_rows  # noqa: E402
+from lightning_optim.optim.dion import dion_rank, sketch_rows  # noqa: E402
 from lightning_optim.optim.newton_schulz import ns_flops  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-OPTIMIZERS = ("adamw", "muon", "normuon", "soap")  # d-muon ≡ muon, sf-normuon ≡ normuon (communication)
+OPTIMIZERS = ("adamw", "muon", "normuon", "adamuon", "soap", "dion")  # d-muon ≡ muon, sf-normuon ≡ normuon
+TP_OPTIMIZERS = ("adamw", "muon", "normuon")  # the ones that step tensor-parallel column shards
 STRATEGIES = ("ddp", "fsdp2", "hsdp")
 SHAPES = {
     "124m": ("124m", {}), "210m": ("210m", {}), "583m": ("583m", {}), "720m": ("720m", {}),
@@ -155,21 +158,28 @@ def _blocks_rows(mats: list[tuple[int, int]], shards: int) -> list[list[int]]:
     return [[n * c for n in shard_rows(r, shards)] for r, c in mats]
 
 
+@functools.lru_cache(maxsize=None)
+def _tp_block_shapes(r: int, c: int, rowwise: bool, dp: int, tp: int) -> tuple[tuple[int, int], ...]:
+    """Local shapes of an ``r × c`` matrix's blocks on a ``(dp, tp)`` mesh, holder ``d·tp + t``, from torch's own
+    shard arithmetic (layers repeat, so this is cached)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    pl = (Shard(0), Shard(1)) if rowwise else (_StridedShard(0, split_factor=tp), Shard(0))
+    return tuple(tuple(_compute_local_shape_and_global_offset((r, c), (dp, tp), [d, t], pl)[0])
+                 for d in range(dp) for t in range(tp))
+
+
 def _blocks_tp(mats: list[tuple[int, int]], names: list[str], dp: int,
                tp: int) -> tuple[list[list[int]], list[list[int]]]:
     """FSDP2 x TP on a ``(dp, tp)`` mesh (holder group rank ``d·tp + t``): colwise matrices (qkv, up, gate)
     ``(_StridedShard(0, tp), Shard(0))``, rowwise ones (proj, down) ``(Shard(0), Shard(1))``, blocks from torch's
     own shard arithmetic. Returns the elements and the local rows of every holder's block."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-    from torch.distributed.tensor.placement_types import _StridedShard
-
     numel, rows = [], []
     for (r, c), name in zip(mats, names):
         rowwise = name.endswith(("proj.weight", "down.weight"))
-        pl = (Shard(0), Shard(1)) if rowwise else (_StridedShard(0, split_factor=tp), Shard(0))
-        shapes = [_compute_local_shape_and_global_offset((r, c), (dp, tp), [d, t], pl)[0]
-                  for d in range(dp) for t in range(tp)]
+        shapes = _tp_block_shapes(r, c, rowwise, dp, tp)
         numel.append([a * b for a, b in shapes])
         rows.append([a if rowwise else 0 for a, _ in shapes])  # rows whose means need the tp group (rowwise)
     return numel, rows
@@ -239,28 +249,44 @@ def _muon_sharded(mats: list[tuple[int, int]], shards: int, replicas: int, normu
     return comm
 
 
+def _dion_sharded(mats: list[tuple[int, int]], shards: int, rank_fraction: float, power_iters: int) -> Comm:
+    """Dion under FSDP2/HSDP (``dion.py``'s ``_power_step``): per power iteration two packed float32
+    all-reduces over the shard group, of ``Σ k_i·r_i`` (the sketches ``S·P``, ``k = sketch_rows(r)``) and
+    ``Σ (r_i + n_i)·r_i`` elements (the Gram matrices ``P₁ᵀP₁`` and ``Y = Bᵀ·P₁``), ``r_i = dion_rank(m_i, n_i,
+    rank_fraction)``. Every rank of the group sends ``2(S-1)/S`` of each buffer (ring all-reduce)."""
+    ranks = [dion_rank(m, n, rank_fraction) for m, n in mats]
+    sketch = sum(sketch_rows(r) * r for r in ranks) * 4
+    gram = sum((r + n) * r for r, (_, n) in zip(ranks, mats)) * 4
+    one = [Collective("all_reduce", shards, b, 2 * (shards - 1) * b // shards) for b in (sketch, gram)]
+    return Comm(one * power_iters)
+
+
 def optimizer_comm(optimizer: str, strategy: str, shapes: Shapes, world: int, shards: int | None = None,
-                   tp: int = 1, bucket_mb: float | None = None) -> Comm:
+                   tp: int = 1, bucket_mb: float | None = None, rank_fraction: float = 1.0,
+                   power_iters: int = 1) -> Comm:
     """Collectives one ``optimizer.step()`` issues on ``world`` ranks (HSDP: ``shards`` per replica).
 
     ``tp > 1`` (``strategy="fsdp2"``, Muon family): FSDP2 x TP on a ``(world/tp, tp)`` mesh with every matrix
     tensor-parallel (qkv, up, gate colwise; proj, down rowwise; see :func:`_blocks_tp`): each matrix has all
     ``world`` ranks as holders, so the exchange is the FSDP2 one with those blocks, and NorMuon adds one
     all-reduce of the rowwise matrices' row sums over the tp group. ``bucket_mb``: the exchange's bucket size
-    (``_matrix_dist.BUCKET_MB`` when ``None``)."""
+    (``_matrix_dist.BUCKET_MB`` when ``None``). AdaMuon issues NorMuon's collectives (the same exchange and one
+    all-reduce of ``‖Ô‖²_F`` per sharded matrix, float32). ``rank_fraction`` / ``power_iters``: Dion's (see
+    :func:`_dion_sharded`); DDP replicas need no communication for Dion. Under tensor parallelism AdaMuon and
+    Dion refuse the rowwise (``Shard(1)``) matrices when built and SOAP is not modelled: all three raise here."""
     if optimizer not in OPTIMIZERS or strategy not in STRATEGIES:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS} and strategy one of {STRATEGIES}, got "
                          f"{optimizer!r}, {strategy!r}")
     if tp != 1:
-        if strategy != "fsdp2" or optimizer == "soap" or tp < 1 or world % tp:
-            raise ValueError(f"tensor parallelism (tp={tp}) is modelled for FSDP2 x TP with the Muon family and "
-                             f"AdamW, tp dividing the world ({world}); got {optimizer!r} under {strategy!r}")
+        if strategy != "fsdp2" or optimizer not in TP_OPTIMIZERS or tp < 1 or world % tp:
+            raise ValueError(f"tensor parallelism (tp={tp}) is modelled for FSDP2 x TP with {TP_OPTIMIZERS}, tp "
+                             f"dividing the world ({world}); got {optimizer!r} under {strategy!r}")
         if optimizer == "adamw":
             return Comm()
         if len(shapes.names) != len(shapes.matrices):
             raise ValueError("tensor parallelism needs the matrices' names (shapes_of records them)")
         numel, rows = _blocks_tp(shapes.matrices, shapes.names, world // tp, tp)
-        return _muon_sharded(shapes.matrices, world, 1, optimizer == "normuon", numel, rows, tp, bucket_mb)
+        return _muon_sharded(shapes.matrices, world, 1, optimizer != "muon", numel, rows, tp, bucket_mb)
     if strategy == "hsdp":
         shards = shards or min(GPUS_PER_NODE, world)
         if world % shards:
@@ -270,10 +296,18 @@ def optimizer_comm(optimizer: str, strategy: str, shapes: Shapes, world: int, sh
     replicas = world // shards if strategy == "hsdp" else 1
     if optimizer == "adamw" or world == 1:
         return Comm()
-    if optimizer in ("muon", "normuon"):
+    if optimizer in ("muon", "normuon", "adamuon"):
         if strategy == "ddp":
             return _muon_ddp(shapes.matrices, world)
-        return _muon_sharded(shapes.matrices, shards, replicas, optimizer == "normuon", bucket_mb=bucket_mb)
+        return _muon_sharded(shapes.matrices, shards, replicas, optimizer != "muon", bucket_mb=bucket_mb)
+    if optimizer == "dion":
+        if not 0.0 < rank_fraction <= 1.0 or isinstance(power_iters, bool) or not isinstance(power_iters, int) \
+                or power_iters < 1:
+            raise ValueError(f"dion: rank_fraction must be in (0, 1] and power_iters an integer >= 1, got "
+                             f"rank_fraction={rank_fraction!r}, power_iters={power_iters!r}")
+        if strategy == "ddp" or shards == 1:
+            return Comm()
+        return _dion_sharded(shapes.matrices, shards, rank_fraction, power_iters)
     # soap: one DTensor all-gather of each float32 gradient over the shard group
     if strategy == "ddp" or shards == 1:
         return Comm()
@@ -281,9 +315,17 @@ def optimizer_comm(optimizer: str, strategy: str, shapes: Shapes, world: int, sh
                  for s in shapes.params])
 
 
-def grad_sync_wire(strategy: str, shapes: Shapes, world: int, shards: int | None = None) -> int:
-    """Bytes each rank sends for the strategy's own parameter/gradient traffic per step (see the docstring)."""
+def grad_sync_wire(strategy: str, shapes: Shapes, world: int, shards: int | None = None, tp: int = 1) -> int:
+    """Bytes each rank sends for the strategy's own parameter/gradient traffic per step (see the docstring).
+    ``tp > 1`` (FSDP2 x TP): FSDP2's traffic over the ``world/tp`` dp ranks on a tp rank's parameters (the
+    matrix-rule matrices split ``tp`` ways, the rest replicated over tp); the activations' tensor-parallel
+    traffic depends on the batch and is not included."""
     p = shapes.n_params
+    if tp != 1:
+        mat = sum(r * c for r, c in shapes.matrices)
+        local_p = mat // tp + (p - mat)
+        dp = world // tp
+        return (dp - 1) * local_p * (2 + 2 + 4) // dp
     if strategy == "ddp":
         return 2 * (world - 1) * p * 4 // world
     shards = world if strategy == "fsdp2" else (shards or min(GPUS_PER_NODE, world))
@@ -297,21 +339,46 @@ def _size(n: float) -> str:
     return f"{n / 1e6:,.1f} MB" if n < 1e10 else f"{n / 1e9:,.1f} GB"
 
 
-def table(models: list[str], gpus: list[int]) -> tuple[str, dict]:
+TP = GPUS_PER_NODE  # tensor-parallel rows: tp over one node's GPUs
+DION_LOW = 1 / 16  # the second Dion column's rank_fraction
+COLUMNS = (("adamw", {}), ("muon", {}), ("normuon", {}), ("soap", {}), ("dion", {}),
+           ("dion r/16", {"rank_fraction": DION_LOW}))  # AdaMuon ≡ NorMuon (validated)
+
+
+def _row(strategy: str, shapes: Shapes, w: int) -> dict[str, Comm | None]:
+    """Every column's :class:`Comm` for one row; ``None`` where the optimizer does not run (tensor parallel)."""
+    tp = TP if strategy == f"fsdp2×tp{TP}" else 1
+    out: dict[str, Comm | None] = {}
+    for col, kw in COLUMNS:
+        name = col.split()[0]
+        if tp > 1 and name not in TP_OPTIMIZERS:
+            out[col] = None
+        else:
+            out[col] = optimizer_comm(name, "fsdp2" if tp > 1 else strategy, shapes, w, tp=tp, **kw)
+    return out
+
+
+def table(models: list[str], gpus: list[int], tp_gpus: list[int] = ()) -> tuple[str, dict]:
+    """The markdown table and ``{(model, strategy, GPUs): {"sync": bytes, column: bytes or None}}``."""
+    bad = [w for w in tp_gpus if w % TP]
+    if bad:
+        raise ValueError(f"tp GPUs {bad} are not multiples of tp={TP}")
     data: dict = {}
-    lines = ["| model | params | strategy | GPUs | grad sync | AdamW | Muon | NorMuon | SOAP |",
-             "|---|---:|---|---:|---:|---|---|---|---|"]
+    lines = ["| model | params | strategy | GPUs | grad sync | AdamW | Muon | NorMuon / AdaMuon | SOAP | "
+             "Dion (r = min(m, n)) | Dion (r = min(m, n)/16) |",
+             "|---|---:|---|---:|---:|---|---|---|---|---|---|"]
+    rows = [(s, w) for s in STRATEGIES for w in gpus] + [(f"fsdp2×tp{TP}", w) for w in tp_gpus]
     for name in models:
         shapes = model_shapes(name)
-        for strategy in STRATEGIES:
-            for w in gpus:
-                row = {o: optimizer_comm(o, strategy, shapes, w) for o in OPTIMIZERS}
-                sync = grad_sync_wire(strategy, shapes, w)
-                data[(name, strategy, w)] = {"sync": sync, **{o: c.wire for o, c in row.items()}}
-                cells = [f"{c.count} / {_size(c.wire)} ({100 * c.wire / sync:.1f}%)" if c.count else "0"
-                         for c in row.values()]
-                lines.append(f"| {name} | {shapes.n_params / 1e9:.2f}B | {strategy} | {w} | {_size(sync)} | "
-                             + " | ".join(cells) + " |")
+        for strategy, w in rows:
+            row = _row(strategy, shapes, w)
+            tp = TP if "tp" in strategy else 1
+            sync = grad_sync_wire("fsdp2" if tp > 1 else strategy, shapes, w, tp=tp)
+            data[(name, strategy, w)] = {"sync": sync, **{o: c and c.wire for o, c in row.items()}}
+            cells = ["—" if c is None else f"{c.count} / {_size(c.wire)} ({100 * c.wire / sync:.1f}%)" if c.count
+                     else "0" for c in row.values()]
+            lines.append(f"| {name} | {shapes.n_params / 1e9:.2f}B | {strategy} | {w} | {_size(sync)} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", data
 
 
@@ -323,7 +390,8 @@ def plot(data: dict, models: list[str], gpus: list[int], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 2.7, 3.8), sharey=True, squeeze=False)
     styles = {"ddp": "-", "fsdp2": "--", "hsdp": ":"}
-    series = {"muon": ("C0", "Muon (NorMuon: + 4 B/matrix)"), "soap": ("C2", "SOAP"), "sync": ("0.5", "grad sync")}
+    series = {"muon": ("C0", "Muon (NorMuon: + 4 B/matrix)"), "soap": ("C2", "SOAP"), "dion": ("C3", "Dion"),
+              "dion r/16": ("C1", "Dion r/16"), "sync": ("0.5", "grad sync")}
     for ax, name in zip(axes[0], models):
         for strategy, ls in styles.items():
             for key, (color, label) in series.items():
@@ -338,7 +406,7 @@ def plot(data: dict, models: list[str], gpus: list[int], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("MB sent per rank per step\n(busiest rank)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.legend(handles, labels, loc="center right", fontsize=6)
     fig.tight_layout(rect=(0, 0, 1 - 2.7 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=110)
 
@@ -347,6 +415,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(SHAPES))
     ap.add_argument("--gpus", default="8,32,128,512,1024")
+    ap.add_argument("--tp-gpus", default="64,128,512,1024", help=f"GPUs of the FSDP2 x TP (tp={TP}) rows")
     ap.add_argument("--plot-gpus", default="8,16,32,64,128,256,512,1024")
     ap.add_argument("--plot-models", default="124m,7b,70b")
     args = ap.parse_args()
@@ -355,11 +424,17 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(SHAPES)}")
     gpus = [int(g) for g in args.gpus.split(",")]
-    text, _ = table(models, gpus)
+    tp_gpus = [int(g) for g in args.tp_gpus.split(",") if g]
+    text, _ = table(models, gpus, tp_gpus)
     head = ("Communication per `optimizer.step()`, per rank (busiest rank): `collectives / bytes sent (% of the "
             "strategy's own gradient synchronisation)`; HSDP shards over 8 GPUs per node. D-Muon communicates "
-            "like Muon, SF-NorMuon like NorMuon. `python benchmarks/comm_model.py` (model in its docstring; "
-            "validated at 2 and 4 CPU ranks in `comm_model_validation.md`).\n\n")
+            "like Muon, SF-NorMuon and AdaMuon like NorMuon. Dion at its defaults (one power iteration, "
+            "rank_fraction 1: r = min(m, n) per matrix) and at rank_fraction 1/16. "
+            f"`fsdp2×tp{TP}`: FSDP2 over `GPUs/{TP}` ranks × tensor parallelism over {TP} (qkv, up, gate colwise; "
+            "proj, down rowwise); its grad sync is FSDP2's over the dp ranks only (the activations' TP traffic "
+            "depends on the batch); SOAP is not modelled there, Dion and AdaMuon refuse rowwise (`Shard(1)`) "
+            "matrices (—). `python benchmarks/comm_model.py` (model in its docstring; validated at 2 and 4 CPU "
+            "ranks in `comm_model_validation.md`).\n\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "comm_model.md").write_text(head + text)
     pg = [int(g) for g in args.plot_gpus.split(",")]
