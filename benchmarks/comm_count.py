@@ -3,12 +3,15 @@
     torchrun --nproc_per_node=2 benchmarks/comm_count.py [--layers 6 --width 512 --vocab 8192]
     torchrun --nproc_per_node=2 benchmarks/comm_count.py --validate    # then with --nproc_per_node=4
 
-``--validate`` measures, for AdamW, Muon, NorMuon and SOAP under DDP-style replicas (plain tensors), FSDP2
-(1-D mesh) and, on 4 ranks, HSDP (2 x 2 mesh), every collective one ``optimizer.step()`` issues and the
-receive-buffer bytes of the ones issued directly, on a small model with uneven row shards, and compares them
-with ``benchmarks/comm_model.py``'s prediction for the same shapes (``optimizer_comm``), with the default exchange
-buckets and, for Muon/NorMuon under FSDP2/HSDP, with the smallest ones (one matrix per owner rank: several
-pipelined all-to-all pairs, buffers in issue order). Each launch adds its
+``--validate`` measures, for AdamW, Muon, NorMuon, AdaMuon, SOAP and Dion (rank_fraction 1 and 1/16) under
+DDP-style replicas (plain tensors), FSDP2 (1-D mesh) and, on 4 ranks, HSDP (2 x 2 mesh) and FSDP2 x TP (a
+``(dp, tp) = (2, 2)`` mesh: qkv, up, gate ``ColwiseParallel``, proj, down ``RowwiseParallel``, then
+``fully_shard`` over dp), every collective one ``optimizer.step()`` issues and the receive-buffer bytes of the
+ones issued directly, on a small model with uneven row shards, and compares them with
+``benchmarks/comm_model.py``'s prediction for the same shapes (``optimizer_comm``), with the default exchange
+buckets and, for the Muon family under FSDP2/HSDP/TP, with the smallest ones (one matrix per owner rank: several
+pipelined all-to-all pairs, buffers in issue order). Under TP, AdaMuon and Dion must refuse the rowwise matrices
+when built (the model marks them "—"); SOAP under TP is not modelled and not run. Each launch adds its
 rows to ``benchmarks/results/comm_model_validation.md`` (2 ranks replace the file, 4 ranks append).
 
 The model is the 23M Llama-style GPT shape (6 layers, width 512, vocab 8192), ``fully_shard`` per block and on
@@ -130,9 +133,27 @@ class ByteCounter(DirectCounter):
 VALIDATION_CFG = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=256, block_size=16, arch="llama", mlp_hidden=71)
 
 
-def validate_one(strategy: str, name: str, world: int, bucket_mb: float | None = None) -> dict:
-    """One warm-up and one measured step of ``name`` under ``strategy``; this rank's counts and buffers.
-    ``bucket_mb``: the exchange's bucket size for this run (``_matrix_dist.BUCKET_MB``; ``None``: the default)."""
+def _tensor_parallel(model, mesh) -> None:
+    """FSDP2 x TP on a ``("dp", "tp")`` mesh, the plan of ``comm_model._blocks_tp``: colwise layers return a
+    replicated output and rowwise ones take a replicated input (only the weights are split)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {n: ColwiseParallel(output_layouts=Replicate()) for n in ("attn.qkv", "mlp.up", "mlp.gate")}
+    plan.update({n: RowwiseParallel(input_layouts=Replicate()) for n in ("attn.proj", "mlp.down")})
+    for b in model.blocks:
+        parallelize_module(b, mesh["tp"], plan)
+    for b in model.blocks:
+        fully_shard(b, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+
+
+def validate_one(strategy: str, name: str, world: int, bucket_mb: float | None = None, **hp) -> dict:
+    """One warm-up and one measured step of ``name`` under ``strategy`` (``"fsdp2×tp"``: a ``(world/2, 2)``
+    mesh); this rank's counts and buffers, or ``{"refused": message}`` when building the optimizer raises
+    ``ValueError``. ``bucket_mb``: the exchange's bucket size for this run (``_matrix_dist.BUCKET_MB``; ``None``:
+    the default). ``hp``: optimizer hyperparameters."""
     from lightning_optim.optim import _matrix_dist
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -141,14 +162,19 @@ def validate_one(strategy: str, name: str, world: int, bucket_mb: float | None =
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**VALIDATION_CFG))
-    if strategy != "ddp":
+    if strategy == "fsdp2×tp":
+        _tensor_parallel(model, init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp")))
+    elif strategy != "ddp":
         shape = (world // 2, 2) if strategy == "hsdp" else (world,)
         names = ("replicate", "shard") if strategy == "hsdp" else ("shard",)
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
         for b in model.blocks:
             fully_shard(b, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    opt = create_optimizer(name, model)
+    try:
+        opt = create_optimizer(name, model, **hp)
+    except ValueError as err:
+        return {"refused": str(err).splitlines()[0]}
     idx = torch.randint(0, VALIDATION_CFG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     default_mb = _matrix_dist.BUCKET_MB
     _matrix_dist.BUCKET_MB = default_mb if bucket_mb is None else bucket_mb
@@ -172,30 +198,60 @@ def validate_one(strategy: str, name: str, world: int, bucket_mb: float | None =
     return {"counts": {**dict(direct.counts), **functional}, "buffers": direct.buffers}
 
 
+def _same_buffers(ops: list[str], measured: list[int], model_ops: list[str], model: list[int]) -> bool:
+    """Measured and modelled receive buffers agree: the all-to-alls and all-gathers in issue order, the
+    all-reduces as a multiset (the model lists NorMuon's tensor-parallel row-sum all-reduce after the norm
+    all-reduce; NorMuon issues it first)."""
+    def split(o: list[str], b: list[int]) -> tuple[list, list]:
+        return ([(x, y) for x, y in zip(o, b) if x != "all_reduce"],
+                sorted(y for x, y in zip(o, b) if x == "all_reduce"))
+
+    return len(ops) == len(measured) and split(ops, measured) == split(model_ops, model)
+
+
 def validate(rank: int, world: int) -> None:
-    from benchmarks.comm_model import optimizer_comm, shapes_of
+    from benchmarks.comm_model import TP_OPTIMIZERS, optimizer_comm, shapes_of
 
     shapes = shapes_of(Transformer(ModelConfig(**VALIDATION_CFG)))
     strategies = ["ddp", "fsdp2"] + (["hsdp"] if world == 4 else [])
+    family = ("muon", "normuon", "adamuon")
     rows = []
     # the default buckets (one here), then the smallest (one matrix per owner rank) for the sharded exchange
-    cases = [(s, n, None) for s in strategies for n in ("adamw", "muon", "normuon", "soap")]
-    cases += [(s, n, 1e-9) for s in strategies if s != "ddp" for n in ("muon", "normuon")]
-    for strategy, name, bucket_mb in cases:
-        mine = validate_one(strategy, name, world, bucket_mb)
+    cases = [(s, n, None, {}) for s in strategies for n in ("adamw",) + family + ("soap", "dion")]
+    cases += [(s, "dion", None, {"rank_fraction": 1 / 16}) for s in strategies]
+    cases += [(s, n, 1e-9, {}) for s in strategies if s != "ddp" for n in family]
+    if world == 4:
+        cases += [("fsdp2×tp", n, None, {}) for n in ("adamw",) + family + ("dion",)]
+        cases += [("fsdp2×tp", n, 1e-9, {}) for n in ("muon", "normuon")]
+    for strategy, name, bucket_mb, hp in cases:
+        mine = validate_one(strategy, name, world, bucket_mb, **hp)
         every = [None] * world
         dist.all_gather_object(every, mine)
-        model = optimizer_comm(name, strategy, shapes, world, shards=2 if strategy == "hsdp" else None,
-                               bucket_mb=bucket_mb)
+        label = strategy if bucket_mb is None else f"{strategy}, smallest buckets"
+        shown = name + "".join(f" {k}={v:g}" for k, v in hp.items())
+        if strategy == "fsdp2×tp" and name not in TP_OPTIMIZERS:
+            refused = all("refused" in e for e in every)
+            msg = every[0].get("refused", "not refused").replace("|", "/")[:120]
+            rows.append(f"| {world} | {label} | {shown} | refused (—) | {msg} | | | {'yes' if refused else 'NO'} |")
+            continue
+        tp = 2 if strategy == "fsdp2×tp" else 1
+        model = optimizer_comm(name, "fsdp2" if tp > 1 else strategy, shapes, world,
+                               shards=2 if strategy == "hsdp" else None, tp=tp, bucket_mb=bucket_mb, **hp)
         predicted = Counter()
         for c in model.collectives:
             predicted["all_gather_into_tensor (DTensor)" if c.op == "all_gather (DTensor)" else c.op] += 1
+        if any("refused" in e for e in every):
+            rows.append(f"| {world} | {label} | {shown} | {dict(sorted(predicted.items()))} | refused: "
+                        f"{next(e['refused'] for e in every if 'refused' in e)[:120]} | | | NO |")
+            continue
         counts_ok = all(Counter(e["counts"]) == predicted for e in every)
-        direct_model = [c.buffer for c in model.collectives if "DTensor" not in c.op]
-        measured = [max(b[i][1] for b in (e["buffers"] for e in every)) for i in range(len(every[0]["buffers"]))]
-        bytes_ok = measured == direct_model
-        label = strategy if bucket_mb is None else f"{strategy}, smallest buckets"
-        rows.append(f"| {world} | {label} | {name} | {dict(sorted(predicted.items())) or '{}'} | "
+        direct = [c for c in model.collectives if "DTensor" not in c.op]
+        direct_model = [c.buffer for c in direct]
+        n_buf = {len(e["buffers"]) for e in every}  # the same number of direct collectives on every rank
+        measured = [max(e["buffers"][i][1] for e in every) for i in range(min(n_buf))]
+        ops = [b[0] for b in every[0]["buffers"]]
+        bytes_ok = len(n_buf) == 1 and _same_buffers(ops, measured, [c.op for c in direct], direct_model)
+        rows.append(f"| {world} | {label} | {shown} | {dict(sorted(predicted.items())) or '{}'} | "
                     f"{dict(sorted(Counter(every[0]['counts']).items())) or '{}'} | {direct_model} | {measured} | "
                     f"{'yes' if counts_ok and bytes_ok else 'NO'} |")
     if rank == 0:
@@ -203,7 +259,9 @@ def validate(rank: int, world: int) -> None:
         head = ("`benchmarks/comm_model.py` against `torchrun --nproc_per_node=N benchmarks/comm_count.py --validate` "
                 f"(gloo, CPU), model {VALIDATION_CFG} (MLP rows 71: uneven row shards on 2 and 4 ranks). "
                 "Counts: collectives in one `optimizer.step()` on every rank; bytes: receive buffer of each direct "
-                "collective, busiest rank.\n\n"
+                "collective, busiest rank (all-to-alls and all-gathers in issue order, all-reduces as a multiset). "
+                "`fsdp2×tp`: a (dp, tp) = (2, 2) mesh, qkv/up/gate colwise, proj/down rowwise; AdaMuon and Dion "
+                "must refuse it when built.\n\n"
                 "| ranks | strategy | optimizer | model: collectives | measured (rank 0) | model: buffer bytes | "
                 "measured: buffer bytes | match |\n|---|---|---|---|---|---|---|---|\n")
         body = "\n".join(rows) + "\n"
