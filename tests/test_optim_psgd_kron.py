@@ -240,8 +240,14 @@ def test_rebalancing_leaves_the_preconditioner_unchanged():
 
 
 def _kron_torch_run(monkeypatch, undo_damping_leak: bool, shapes, steps: int = STEPS):
+    """kron-torch's kernels are ``@torch.compile``d: run them eagerly, through torch's own config patch (pytest's
+    monkeypatch deletes the key on undo from torch's config module, which keeps its values outside ``__dict__``)."""
+    with torch._dynamo.config.patch(disable=True):
+        return _kron_torch_steps(monkeypatch, undo_damping_leak, shapes, steps)
+
+
+def _kron_torch_steps(monkeypatch, undo_damping_leak: bool, shapes, steps: int):
     kron = pytest.importorskip("kron_torch.kron", reason="kron-torch (test-only reference) is not installed")
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # its kernels are @torch.compile: run eagerly
     if undo_damping_leak:
         calc = kron._calc_A_and_conjB
         monkeypatch.setattr(kron, "_calc_A_and_conjB", lambda expr, G, Q: calc(expr, G.clone(), Q))
