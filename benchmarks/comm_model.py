@@ -1,4 +1,4 @@
-"""Communication model: collectives and bytes per optimizer step, matrix optimizers vs AdamW, DDP / FSDP2 / HSDP.
+"""Communication model: collectives and bytes per optimizer step, matrix optimizers vs AdamW, DDP / FSDP2 / HSDP / TP.
 
     python benchmarks/comm_model.py            # table + plot, 8 to 1024 GPUs, 124M to 70B-class shapes
 
@@ -25,6 +25,13 @@ Per step and per rank, for each optimizer:
       NorMuon one all-reduce of the rowwise (``Shard(1)``) matrices' row sums over the tp group.
     - HSDP (``R`` replicas × ``S`` shards): owners over all ``R·S`` ranks; the two all-to-alls in the shard group
       for the matrices of one's own replica, then one ``all_gather_into_tensor`` over the ``R`` replicas.
+* AdaMuon: NorMuon's collectives (the same exchange; its one all-reduce carries ``‖Ô‖²_F`` per sharded matrix).
+* Dion (``dion.py``): DDP none (every rank computes the same low-rank step); FSDP2/HSDP per power iteration two
+  packed float32 all-reduces over the shard group, of ``Σ k·r`` (sketches, ``k = sketch_rows(r)``) and
+  ``Σ (r + n)·r`` elements (Gram matrices and ``Bᵀ·P₁``), ``r = dion_rank(m, n, rank_fraction)``; the payload
+  does not shrink with the ranks. The table shows rank_fraction 1 (the default) and 1/16.
+* Tensor parallelism (table rows ``fsdp2×tp8``, 64 GPUs and up): SOAP is not modelled; AdaMuon and Dion refuse
+  the rowwise (``Shard(1)``) matrices when built (``comm_count.py --validate`` checks the refusal), so "—".
 * SOAP: DDP none (every rank computes every update); FSDP2/HSDP one all-gather per parameter
   (``grad.full_tensor()``, float32 gradients) over the shard group, and every rank then does the whole
   optimizer work itself (the state is not sharded).
