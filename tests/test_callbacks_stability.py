@@ -128,7 +128,7 @@ def test_consecutive_nonfinite_steps_stop_training_and_keep_checkpoint(tmp_path)
 
 
 def test_ddp_one_rank_spike_and_nan_same_decision(tmp_path):
-    run_distributed(HERE / "dist_scripts" / "stab_ddp.py", str(tmp_path))
+    run_distributed(HERE / "dist_scripts" / "stab_ddp.py", str(tmp_path), out_dir=tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     weights = [torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in range(2)]
     for r in results:
@@ -176,7 +176,7 @@ def test_state_dict_round_trip_and_resume(tmp_path):
 
 
 def test_fsdp2_clipping_norms_and_nonfinite_shard(tmp_path):
-    run_distributed(HERE / "dist_scripts" / "stab_fsdp2.py", str(tmp_path))
+    run_distributed(HERE / "dist_scripts" / "stab_fsdp2.py", str(tmp_path), out_dir=tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["nonfinite"] == 1 and r["unchanged"] and r["finite"]

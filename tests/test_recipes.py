@@ -98,7 +98,7 @@ def test_two_process_cpu_matches_one_process(tmp_path, cache, strategy):
     ref = main("tiny", args=[*args, "--trainer.devices", "1", "--trainer.accelerator", "cpu"])
     ref_state = {k: v.detach().clone() for k, v in ref.model.model.state_dict().items()}
     run_distributed(ROOT / "tests" / "dist_scripts" / "recipe_train.py", str(tmp_path),
-                    str(RECIPES / "configs" / f"{strategy}.yaml"), *args, env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+                    str(RECIPES / "configs" / f"{strategy}.yaml"), *args, env={"HF_HUB_OFFLINE": "1"}, timeout=300, out_dir=tmp_path)
     out = torch.load(tmp_path / "final.pt", weights_only=True)
     assert out["step"] == 3 and out["micro"] == 2 and out["accumulate"] == 1
     for name, value in ref_state.items():

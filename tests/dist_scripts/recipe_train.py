@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from _cli import main  # noqa: E402
+from tests.dist_utils import finish  # noqa: E402
 
 out, config, *args = sys.argv[1:]
 cli = main("tiny", args=["--config", config, "--trainer.accelerator", "cpu", "--trainer.devices", "2", *args])
@@ -27,3 +28,4 @@ else:
 if int(os.environ.get("RANK", "0")) == 0:
     torch.save({"state": state, "accumulate": cli.trainer.accumulate_grad_batches, "micro": cli.datamodule.micro,
                 "step": cli.trainer.global_step}, Path(out) / "final.pt")
+finish(out)  # results written: barrier, destroy the group, leave without interpreter finalisation

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from lightning_optim.callbacks import GradientClipping, LayerNormMonitor, LossSpikeDetector, NonFiniteGuard
+from tests.dist_utils import finish
 from tests.dist_scripts.stab_common import Probe, TinyLM, all_finite, loader, trainer
 
 torch.set_num_threads(1)
@@ -47,6 +48,7 @@ def main(out: Path) -> None:
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / f"weights{rank}.pt")
+    finish(out)  # results written: barrier, destroy the group, leave without interpreter finalisation
 
 
 if __name__ == "__main__":

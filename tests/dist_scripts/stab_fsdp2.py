@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_optim.callbacks import GradientClipping, LayerNormMonitor, NonFiniteGuard
+from tests.dist_utils import finish
 from tests.dist_scripts.stab_common import MetricsLogger, TinyLM, loader, trainer
 
 torch.set_num_threads(1)
@@ -109,6 +110,7 @@ def main(out: Path) -> None:
         "logged_layer_norms": {k: v for k, v in monitor.last_metrics.items() if k in probe.expected},
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    finish(out)  # results written: barrier, destroy the group, leave without interpreter finalisation
 
 
 if __name__ == "__main__":
