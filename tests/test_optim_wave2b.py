@@ -232,13 +232,44 @@ def test_scion_unconstrained_accepts_a_large_lr_and_a_bad_group_norm_names_the_g
         Scion([{"params": [nn.Parameter(torch.zeros(2, 2))], "name": "g", "lr": 3.0}])
 
 
-def test_scion_refuses_dtensors_naming_the_parameter(one_rank_mesh):
-    """Direct construction (not only through the registry's supports_dtensor=False) names the parameter."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+def test_scion_one_rank_dtensor_shards_step_like_plain_tensors(one_rank_mesh):
+    """FSDP2-style Shard(0) DTensors of every rule (spectral through the hybrid's orthogonalisation, sign,
+    rms_rows, bias_rms through the completed sums of squares): the momentum is a DTensor laid out like the
+    parameter and the step equals the plain-tensor one."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    w = nn.Parameter(distribute_tensor(torch.zeros(6, 4), one_rank_mesh, [Shard(0)]))
-    with pytest.raises(ValueError, match=r"'blocks.0.mlp.up.weight' is a DTensor"):
-        Scion([{"params": [w], "param_names": ["blocks.0.mlp.up.weight"]}])
+    shapes = [(6, 4), (4, 7), (5, 3), (5,), (3, 2, 2)]
+    norms = [None, "sign", "rms_rows", "bias_rms", None]
+
+    def groups(ps):
+        return [{"params": [p], **({"norm": n} if n else {})} for p, n in zip(ps, norms)]
+
+    plain = [nn.Parameter(w.float()) for w in start_weights(shapes)]
+    sharded = [nn.Parameter(distribute_tensor(w.float(), one_rank_mesh, [Shard(0)])) for w in start_weights(shapes)]
+    opt_p, opt_s = Scion(groups(plain), lr=0.02, radius=2.0), Scion(groups(sharded), lr=0.02, radius=2.0)
+    assert [g["matrix"] for g in opt_s.param_groups] == [True, False, False, False, True]
+    for t in range(1, 6):
+        for i, (p, s) in enumerate(zip(plain, sharded)):
+            g = gradient(p.detach(), t, i).float()
+            p.grad = g
+            s.grad = distribute_tensor(g, one_rank_mesh, [Shard(0)])
+        opt_p.step()
+        opt_s.step()
+    for p, s in zip(plain, sharded):
+        assert isinstance(opt_s.state[s]["momentum_buffer"], DTensor)
+        torch.testing.assert_close(s.full_tensor(), p.detach(), atol=1e-6, rtol=1e-6)
+    assert max_diff([p.detach().double() for p in plain], start_weights(shapes)) > 0.05
+
+
+def test_scion_routing_table_names_each_lmo_and_a_plain_list_is_split():
+    """A plain list becomes a ``matrix`` group (the hybrid's Newton–Schulz path) and an ``other`` group; the
+    routing table gives each parameter's LMO and radius."""
+    ps = [nn.Parameter(torch.zeros(s)) for s in [(6, 4), (5,), (3, 2, 2)]]
+    opt = Scion(ps, radius=2.0, vector_radius=0.5)
+    assert [(g["name"], g["matrix"], len(g["params"])) for g in opt.param_groups] == [("matrix", True, 2),
+                                                                                     ("other", False, 1)]
+    rows = {r["shape"]: (r["rule"], r["radius"]) for r in opt.routing_table()}
+    assert rows == {(6, 4): ("spectral", 2.0), (5,): ("bias_rms", 0.5), (3, 2, 2): ("spectral", 2.0)}
 
 
 # ----------------------------------------------------------------------------------------------------------

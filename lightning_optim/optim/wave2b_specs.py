@@ -38,9 +38,9 @@ SPECS: tuple[OptimizerSpec, ...] = (
         reference="https://github.com/LIONS-EPFL/scion (scion.py; examples/modded-nanogpt radii)",
         description="momentum, then a per-layer norm-ball LMO (spectral / sign / RMS); constrained variant "
         "x ← (1-lr)·x + lr·lmo(d)",
-        supports_dtensor=False,
-        dtensor_note="the spectral LMO (Newton–Schulz) needs whole matrices; use DDP, or an elementwise "
-        "optimizer under FSDP2",
+        # hidden matrices on the Muon family's orthogonalisation (shared among DDP replicas, once per matrix
+        # on an owner for FSDP2 / HSDP / TP shards); the RMS LMOs' sums of squares are all-reduced over shards
+        supports_dtensor=True,
     ),
     OptimizerSpec(
         name="adalayer", factory=adalayer.Adalayer, defaults=signature_defaults(adalayer.Adalayer)[0],
