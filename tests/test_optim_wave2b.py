@@ -402,7 +402,7 @@ def test_adalayer_refuses_dtensors_naming_the_parameter(one_rank_mesh):
         Adalayer([{"params": [w], "param_names": ["blocks.0.mlp.up.weight"]}])
 
 
-@pytest.mark.parametrize("norm", ["spectral", "sign"])
+@pytest.mark.parametrize("norm", ["spectral", "sign", "rms_rows"])
 def test_scion_steps_a_transposed_conv1d_weight_like_the_equivalent_linear(norm):
     """An HF Conv1D weight (in, out) flagged ``transposed`` gets the LMO of the (out, in) nn.Linear weight."""
     g = torch.Generator().manual_seed(3)

@@ -59,7 +59,6 @@ out like the parameter under FSDP2); bf16 parameters are updated in float32 and 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any
 
 import torch
