@@ -37,7 +37,7 @@ def test_ddp_and_fsdp2(out, name):
     for k in fsdp:
         torch.testing.assert_close(fsdp[k], fsingle[k], atol=2e-3, rtol=2e-3, msg=lambda m: f"{name} {k}: {m}")
     report = json.loads((out / "report.json").read_text())[name]
-    assert report == {"state_dtensor": True, "params_dtensor": True}
+    assert report == {"state_dtensor": True, "params_dtensor": True, "matrix_layouts": ["sharded"]}
 
 
 def test_owners_longest_first_balance_and_batching():

@@ -120,9 +120,12 @@ def main():
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         lm = LM(name)
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_steps=K,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, use_distributed_sampler=False)
+        # data_parallel_size=2 explicitly: "auto" gives (dp=nodes=1, tp=devices=2), a mesh this script's
+        # configure_model does not shard over
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=K, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            use_distributed_sampler=False)
         trainer.fit(lm)
         fopt = trainer.optimizers[0]
         if hasattr(fopt, "eval"):
@@ -131,6 +134,8 @@ def main():
         report[name] = {
             "state_dtensor": all(isinstance(t, DTensor) for t in st),
             "params_dtensor": all(isinstance(p, DTensor) for p in lm.model.parameters()),
+            # how the optimizer saw its matrices: "sharded" (row blocks exchanged with owners), not "local"
+            "matrix_layouts": sorted({m.kind for m in getattr(fopt, "_metas", {}).values()}),
         }
         full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
                 for k, v in lm.model.state_dict().items()}

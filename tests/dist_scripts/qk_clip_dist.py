@@ -96,7 +96,8 @@ def lightning_run(out, rank):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     lm = LM()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_steps=1, logger=False,
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)  # "auto" would be dp=1, tp=2
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, callbacks=[QKClip(threshold=TAU)])
     trainer.fit(lm)
