@@ -73,8 +73,8 @@ from torch import Tensor
 from lightning_optim._dtensor import DTensor, Replicate, local, shard_dim
 from lightning_optim.optim.newton_schulz import ns_flops
 
-__all__ = ["MatrixMeta", "matrix_meta", "orthogonalize", "global_sq_norms", "row_mean_sq", "local", "CommCounter",
-           "shard_rows", "assign_owners", "bucketize", "recording", "BUCKET_MB"]
+__all__ = ["MatrixMeta", "matrix_meta", "orthogonalize", "global_sq_norms", "row_mean_sq", "packed_all_reduce", "local",
+           "CommCounter", "shard_rows", "assign_owners", "bucketize", "recording", "BUCKET_MB"]
 
 BUCKET_MB = 64.0
 """Target size of one exchange bucket of the ``sharded`` layout, in MiB of bf16 full matrices per owner rank."""
@@ -556,6 +556,19 @@ def orthogonalize(mats: Sequence[Tensor], metas: Sequence[MatrixMeta], ns_fn: NS
             res = _sharded(sub_m, sub_meta, ns_fn, bucket_mb)
         for j, i in enumerate(idx):
             out[i] = res[j]
+    return out
+
+
+def packed_all_reduce(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
+    """Sum ``tensors`` (one dtype) over ``group`` with one ``all_reduce`` of their concatenation; returns the sums,
+    shaped like the inputs (views of one buffer). Counted in :class:`CommCounter`."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    CommCounter.collectives["all_reduce"] += 1
+    out, off = [], 0
+    for t in tensors:
+        out.append(flat[off: off + t.numel()].view(t.shape))
+        off += t.numel()
     return out
 
 

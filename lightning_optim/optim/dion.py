@@ -78,12 +78,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_optim.optim._hybrid import HybridMatrixOptimizer
 from lightning_optim.optim._low_precision import mix_seed
-from lightning_optim.optim._matrix_dist import CommCounter, MatrixMeta, local
+from lightning_optim.optim._matrix_dist import MatrixMeta, local, packed_all_reduce
 
 __all__ = ["Dion", "dion_rank", "initial_q", "SKETCH_OVERSAMPLE"]
 
@@ -168,14 +167,8 @@ def _all_reduce_sum(tensors: list[Tensor], works: list[_Work]) -> list[Tensor]:
         if w.sharded():
             buckets[(w.meta.bucket_key(), tensors[i].dtype)].append(i)
     for idx in buckets.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
-        dist.all_reduce(flat, group=works[idx[0]].meta.group)
-        CommCounter.collectives["all_reduce"] += 1
-        off = 0
-        for i in idx:
-            n = tensors[i].numel()
-            out[i] = flat[off: off + n].view(tensors[i].shape)
-            off += n
+        for i, total in zip(idx, packed_all_reduce([tensors[i] for i in idx], works[idx[0]].meta.group)):
+            out[i] = total
     return out
 
 

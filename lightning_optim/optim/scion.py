@@ -62,12 +62,11 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_optim._dtensor import DTensor, Replicate, shard_dim
 from lightning_optim.optim._hybrid import HybridMatrixOptimizer
-from lightning_optim.optim._matrix_dist import CommCounter, MatrixMeta
+from lightning_optim.optim._matrix_dist import MatrixMeta, packed_all_reduce
 from lightning_optim.optim._per_tensor import (check_finite_number, check_nonneg, check_positive, is_matrix_param,
                                                local, up, write_back)
 from lightning_optim.optim.newton_schulz import newton_schulz, resolve_coefficients
@@ -151,14 +150,8 @@ def complete_sq_sums(sums: list[Tensor | None], ps: list[Tensor], dims: list[tup
                 jobs.setdefault(key, (pg, []))[1].append(i)
     out = list(sums)
     for pg, idx in jobs.values():
-        flat = torch.cat([out[i].reshape(-1) for i in idx])
-        dist.all_reduce(flat, group=pg)
-        CommCounter.collectives["all_reduce"] += 1
-        off = 0
-        for i in idx:
-            n = out[i].numel()
-            out[i] = flat[off: off + n].view(out[i].shape)
-            off += n
+        for i, total in zip(idx, packed_all_reduce([out[i] for i in idx], pg)):
+            out[i] = total
     return out
 
 
