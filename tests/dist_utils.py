@@ -79,6 +79,16 @@ def check_done(out_dir: str | Path, nprocs: int, log: str = "") -> None:
             raise RuntimeError(f"rank {rank} ended with {pending} unwaited functional collective(s) ({path})")
 
 
+def shard_per_block(model, mesh) -> None:
+    """``fully_shard`` each of ``model.blocks``, then the root (embeddings, head, final norm): the FSDP2 layout of the
+    recipe models (``LanguageModel.configure_model``), on ``mesh`` (1-D: FSDP; 2-D (replicate, shard): HSDP)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def finish(out_dir: str | Path) -> None:
     """End a torchrun test script (see the module docstring); call it after every result is written. Never returns."""
     import torch

@@ -30,10 +30,10 @@ warnings.filterwarnings("ignore")
 from lightning_optim import create_optimizer  # noqa: E402
 from lightning_optim.models.gpt import Transformer  # noqa: E402
 from lightning_optim.optim._matrix_dist import CommCounter  # noqa: E402
-from tests.dist_scripts.hsdp_muon import full_weights, shard_hsdp  # noqa: E402
+from tests.dist_scripts.hsdp_muon import full_weights  # noqa: E402
 from tests.dist_scripts.muon_dist import CFG as MUON_CFG  # noqa: E402
 from tests.dist_scripts.muon_dist import K, batch, loss_of  # noqa: E402
-from tests.dist_utils import finish  # noqa: E402
+from tests.dist_utils import finish, shard_per_block  # noqa: E402
 
 CFG = dataclasses.replace(MUON_CFG, mlp_hidden=71)  # 71-row MLP matrices: uneven row shards
 FRACTIONS = (1.0, 0.25)
@@ -61,7 +61,7 @@ def single_run(fraction: float) -> dict[str, torch.Tensor]:
 
 def sharded_run(layout: str, fraction: float, mesh, out: Path, record: dict) -> None:
     model = make_model()
-    shard_hsdp(model, mesh)
+    shard_per_block(model, mesh)
     opt = create_optimizer("dion", model, lr=LR, rank_fraction=fraction)
     CommCounter.reset()
     train(model, opt)

@@ -33,7 +33,7 @@ from lightning_optim.optim._matrix_dist import CommCounter  # noqa: E402
 from lightning_optim.models.gpt import Transformer  # noqa: E402
 from tests.dist_scripts.muon_dist import CFG as MUON_CFG  # noqa: E402
 from tests.dist_scripts.muon_dist import K, batch, loss_of  # noqa: E402
-from tests.dist_utils import finish  # noqa: E402
+from tests.dist_utils import finish, shard_per_block  # noqa: E402
 
 HP = {"muon": {"lr": 0.02}, "normuon": {"lr": 3e-3}, "soap": {"lr": 3e-3, "precondition_frequency": 2}}
 MATRIX_FAMILY = ("muon", "normuon")  # orthogonalised once per job; SOAP: every rank computes the whole update
@@ -66,14 +66,6 @@ def single_run(name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def shard_hsdp(model, mesh) -> None:
-    from torch.distributed.fsdp import fully_shard
-
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
 def counters(opt) -> dict:
     return {"ns_matrices": CommCounter.ns_matrices, "ns_calls": CommCounter.ns_calls,
             "collectives": dict(CommCounter.collectives), "matrices": n_matrices(opt)}
@@ -81,7 +73,7 @@ def counters(opt) -> dict:
 
 def direct(name: str, mesh, out: Path, record: dict) -> None:
     model = make_model()
-    shard_hsdp(model, mesh)
+    shard_per_block(model, mesh)
     opt = create_optimizer(name, model, **HP[name])
     CommCounter.reset()
     for s in range(K):
@@ -106,7 +98,7 @@ def lightning_run(out: Path, record: dict) -> None:
             self.model = make_model()
 
         def configure_model(self):
-            shard_hsdp(self.model, init_device_mesh("cpu", MESH, mesh_dim_names=("replicate", "shard")))
+            shard_per_block(self.model, init_device_mesh("cpu", MESH, mesh_dim_names=("replicate", "shard")))
 
         def training_step(self, b, i):
             return loss_of(self.model, b[0])

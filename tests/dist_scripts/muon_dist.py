@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from lightning_optim import create_optimizer  # noqa: E402
 from lightning_optim.models.gpt import ModelConfig, Transformer  # noqa: E402
-from tests.dist_utils import finish  # noqa: E402
+from tests.dist_utils import finish, shard_per_block  # noqa: E402
 
 K = 4
 NAMES = ["muon", "d-muon", "normuon", "sf-normuon"]
@@ -74,12 +74,7 @@ class LM(L.LightningModule):
         self.model = make_model()
 
     def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        shard_per_block(self.model, self.device_mesh["data_parallel"])
 
     def training_step(self, b, i):
         return loss_of(self.model, b[0])

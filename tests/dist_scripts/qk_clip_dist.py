@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from lightning_optim.callbacks.qk_clip import QKClip, QKClipper  # noqa: E402
 from lightning_optim.models.gpt import ModelConfig, Transformer  # noqa: E402
-from tests.dist_utils import finish  # noqa: E402
+from tests.dist_utils import finish, shard_per_block  # noqa: E402
 
 # gpt2 arch (biases, no RoPE), head_dim 5: qkv has 45 rows, sharded 23 + 22
 CFG = ModelConfig(arch="gpt2", n_layer=2, n_embd=15, n_head=3, vocab_size=32, block_size=8)
@@ -74,12 +74,7 @@ class LM(L.LightningModule):
         self.model = make_model()
 
     def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for b in self.model.blocks:
-            fully_shard(b, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        shard_per_block(self.model, self.device_mesh["data_parallel"])
 
     def training_step(self, b, i):
         logits = self.model(b[0])
@@ -127,13 +122,9 @@ def main():
     report["ddp_ranks_equal"] = all(torch.equal(other[0][k], other[1][k]) for k in mine)
     # --- FSDP2 row shards
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (2,))
     model = make_model()
-    for b in model.blocks:
-        fully_shard(b, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    shard_per_block(model, init_device_mesh("cpu", (2,)))
     clipper = QKClipper(threshold=TAU).attach(model)
     with torch.no_grad():
         model(batch(rank))

@@ -30,7 +30,7 @@ from lightning_optim import create_optimizer  # noqa: E402
 from lightning_optim.models.gpt import ModelConfig, Transformer  # noqa: E402
 from lightning_optim.optim._matrix_dist import CommCounter  # noqa: E402
 from tests.dist_scripts.muon_dist import K, batch, loss_of  # noqa: E402
-from tests.dist_utils import finish  # noqa: E402
+from tests.dist_utils import finish, shard_per_block  # noqa: E402
 
 NAME = "scion"
 HP = {"lr": 3.6e-4}
@@ -80,12 +80,7 @@ class LM(L.LightningModule):
         self.model = make_model()
 
     def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        shard_per_block(self.model, self.device_mesh["data_parallel"])
 
     def training_step(self, b, i):
         return loss_of(self.model, b[0])
